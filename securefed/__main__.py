@@ -1,0 +1,5 @@
+import sys
+
+from securefed.cli import main
+
+sys.exit(main())

@@ -1,0 +1,35 @@
+"""HKDF-SHA256 key derivation (RFC 5869)."""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from securefed.errors import ConfigError
+
+__all__ = ["HKDF_SHA256_MAX_LENGTH", "hkdf_sha256"]
+
+# RFC 5869 caps the output at 255 blocks of the hash length.
+HKDF_SHA256_MAX_LENGTH = 255 * 32
+
+
+def hkdf_sha256(ikm: bytes, *, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    """Derive ``length`` bytes from input keying material with HKDF-SHA256.
+
+    ``salt`` and ``info`` are required so every call site states its domain separation
+    explicitly; pass ``b""`` for an empty salt (equivalent to RFC 5869's all-zero salt).
+    """
+    problems = []
+    for label, value in (("ikm", ikm), ("salt", salt), ("info", info)):
+        if not isinstance(value, bytes | bytearray | memoryview):
+            problems.append(f"{label} must be bytes, got {type(value).__name__}")
+    if isinstance(length, bool) or not isinstance(length, int):
+        problems.append(f"length must be an int, got {type(length).__name__}")
+    elif not 1 <= length <= HKDF_SHA256_MAX_LENGTH:
+        problems.append(
+            f"length must be in [1, {HKDF_SHA256_MAX_LENGTH}] for HKDF-SHA256, got {length}"
+        )
+    if problems:
+        raise ConfigError(problems)
+    kdf = HKDF(algorithm=hashes.SHA256(), length=length, salt=bytes(salt), info=bytes(info))
+    return kdf.derive(bytes(ikm))

@@ -1,0 +1,390 @@
+"""The client (site) side of SecAgg+ as a pure state machine.
+
+``handle(message)`` takes one coordinator message and returns the reply. The client trusts the
+coordinator with nothing: it checks every relayed key against the roster, binds the round
+configuration into each signature, verifies the survivor list with its neighbours' signatures,
+and reveals for each peer either the self-mask share or the key share, never both. Any violation
+raises :class:`~securefed.errors.ProtocolAbort` (or ``UnexpectedMessageError`` for a message out
+of order) and leaves the client aborted for good.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+import numpy as np
+
+from securefed.errors import (
+    CryptoError,
+    DecryptionError,
+    InvalidSignatureError,
+    ProtocolAbort,
+    ProtocolError,
+    UnexpectedMessageError,
+)
+from securefed.primitives import aead
+from securefed.primitives.keys import AgreementKeyPair, PublicIdentity, Roster, SiteIdentity
+from securefed.primitives.prg import MaskAccumulator
+from securefed.primitives.randomness import RandomSource
+from securefed.primitives.shamir import share_secrets
+from securefed.secagg.config import RoundConfig
+from securefed.secagg.graph import NeighbourGraph
+from securefed.secagg.masking import (
+    decode_share_plaintext,
+    encode_share_plaintext,
+    pairwise_seed,
+    share_associated_data,
+    share_encryption_key,
+)
+from securefed.secagg.messages import (
+    ConsistencySignature,
+    EncryptedShare,
+    KeyAdvertisement,
+    KeyDirectory,
+    MaskedInput,
+    RevealedShare,
+    RoundSetup,
+    ServerMessage,
+    ShareBundle,
+    ShareDelivery,
+    SurvivorList,
+    UnmaskRequest,
+    UnmaskShares,
+    survivors_statement,
+)
+from securefed.secagg.stages import Stage
+
+__all__ = ["SecAggClient", "ClientState", "encode_input"]
+
+
+class ClientState(enum.Enum):
+    NEW = "new"
+    ADVERTISED = "advertised"
+    SHARED = "shared"
+    MASKED = "masked"
+    CONFIRMED = "confirmed"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+# Which coordinator message each state waits for.
+_EXPECTS: dict[ClientState, type] = {
+    ClientState.NEW: RoundSetup,
+    ClientState.ADVERTISED: KeyDirectory,
+    ClientState.SHARED: ShareDelivery,
+    ClientState.MASKED: SurvivorList,
+    ClientState.CONFIRMED: UnmaskRequest,
+}
+
+
+def encode_input(config: RoundConfig, vector: np.ndarray, weight: float, rng: RandomSource) -> np.ndarray:
+    """Fixed-point encoding of ``weight * vector`` followed by the encoded weight itself."""
+    values = np.empty(config.vector_length + 1, dtype=config.value_codec().dtype)
+    clipped = np.clip(vector, -config.clip, config.clip)
+    values[:-1] = config.value_codec().encode(clipped * weight, rng)
+    values[-1:] = config.weight_codec().encode(np.array([weight], dtype=np.float64), rng)
+    return values
+
+
+class SecAggClient:
+    """One site's side of one round. Create a new client for every round."""
+
+    def __init__(
+        self,
+        *,
+        identity: SiteIdentity,
+        roster: Roster,
+        vector: np.ndarray,
+        weight: float = 1.0,
+        rng: RandomSource,
+        previous_round: int | None = None,
+        enforce_checks: bool = True,
+    ) -> None:
+        if identity.name not in roster:
+            raise ProtocolAbort(f"site {identity.name!r} is not in the federation roster")
+        self.identity = identity
+        self.roster = roster
+        self.site_id = roster.index(identity.name)
+        self._identities = tuple(roster[name] for name in roster.names)
+        self._vector = vector
+        self._weight = float(weight)
+        self._rng = rng
+        self._previous_round = previous_round
+        # Research only: a client that trusts the coordinator (as Flower's does), so the attack
+        # harness can show what each check prevents. Never turn this off in a deployment.
+        self._enforce = enforce_checks
+        self.state = ClientState.NEW
+        self.stage: Stage | None = None
+        self.abort_reason: str | None = None
+        self.config: RoundConfig | None = None
+
+    # ------------------------------------------------------------------ dispatch
+    def handle(self, message: ServerMessage) -> object:
+        if self.state is ClientState.ABORTED:
+            raise ProtocolAbort("this client has already aborted the round", stage=self._stage_name())
+        if self.state is ClientState.DONE:
+            self._abort_with(UnexpectedMessageError(
+                f"received {type(message).__name__} after the round finished"
+            ))
+        expected = _EXPECTS[self.state]
+        if not isinstance(message, expected):
+            self._abort_with(UnexpectedMessageError(
+                f"site {self.site_id} expected {expected.__name__} in state {self.state.value}, "
+                f"got {type(message).__name__}"
+            ))
+        self.stage = message.STAGE
+        try:
+            if self.config is not None:
+                self._check_round(message)
+            handler = {
+                RoundSetup: self._on_setup,
+                KeyDirectory: self._on_directory,
+                ShareDelivery: self._on_delivery,
+                SurvivorList: self._on_survivors,
+                UnmaskRequest: self._on_unmask,
+            }[type(message)]
+            reply = handler(message)
+        except ProtocolError as exc:
+            self._abort_with(exc)
+        except (CryptoError, ValueError) as exc:
+            self._abort_with(ProtocolAbort(str(exc), stage=self._stage_name()))
+        if self.state is not ClientState.DONE:
+            self.state = self._NEXT[self.state]
+        return reply
+
+    def _abort_with(self, exc: ProtocolError) -> None:
+        self.state = ClientState.ABORTED
+        self.abort_reason = str(exc)
+        self._forget_secrets()
+        raise exc
+
+    def _fail(self, reason: str) -> None:
+        raise ProtocolAbort(f"site {self.site_id}: {reason}", stage=self._stage_name())
+
+    def _violation(self, reason: str) -> None:
+        """A sign of a misbehaving coordinator: abort (unless checks are disabled for research)."""
+        if self._enforce:
+            self._fail(reason)
+
+    def _stage_name(self) -> str | None:
+        return self.stage.value if self.stage else None
+
+    def _forget_secrets(self) -> None:
+        for name in ("_c_keys", "_s_keys", "_self_mask_seed", "_held", "_vector", "_share_keys"):
+            if hasattr(self, name):
+                setattr(self, name, None)
+
+    def _check_round(self, message: ServerMessage) -> None:
+        assert self.config is not None
+        if message.round_id != self.config.round_id:
+            self._fail(f"message for round {message.round_id}, but this is round {self.config.round_id} (replay?)")
+        if message.config_digest != self.config.digest:
+            self._fail("message is bound to a different round configuration (threshold or settings changed?)")
+
+    def _public(self, site: int) -> PublicIdentity:
+        return self._identities[site]
+
+    # ------------------------------------------------------------------ stage handlers
+    def _on_setup(self, message: RoundSetup) -> KeyAdvertisement:
+        config = message.config
+        if self._previous_round is not None and config.round_id <= self._previous_round:
+            self._fail(f"round {config.round_id} is not newer than round {self._previous_round} (replay)")
+        problems = config.problems()
+        if config.roster_digest != self.roster.digest():
+            problems.append("the round is for a different federation roster")
+        if self.site_id not in config.participants:
+            problems.append("this site is not a participant of the round")
+        if self._vector is not None and np.shape(self._vector) != (config.vector_length,):
+            problems.append(f"input has shape {np.shape(self._vector)}, the round expects ({config.vector_length},)")
+        if not 0.0 <= self._weight <= config.max_weight:
+            problems.append(f"weight {self._weight} is outside [0, max_weight={config.max_weight}]")
+        if problems:
+            self._fail("refusing the round configuration: " + "; ".join(problems))
+        self.config = config
+        self.graph = NeighbourGraph(config.participants, config.neighbors, config.graph_seed)
+        self.neighbours = self.graph.neighbours(self.site_id)
+        self._c_keys = AgreementKeyPair.generate(self._rng)
+        self._s_keys = AgreementKeyPair.generate(self._rng)
+        ad = KeyAdvertisement(
+            round_id=config.round_id, config_digest=config.digest, sender=self.site_id,
+            encryption_key=self._c_keys.public, masking_key=self._s_keys.public, signature=b"\0" * 64,
+        )
+        signature = self.identity.sign(ad.statement())
+        self._own_ad = KeyAdvertisement(
+            round_id=ad.round_id, config_digest=ad.config_digest, sender=ad.sender,
+            encryption_key=ad.encryption_key, masking_key=ad.masking_key, signature=signature,
+        )
+        return self._own_ad
+
+    def _on_directory(self, message: KeyDirectory) -> ShareBundle:
+        config = self.config
+        assert config is not None
+        peers: dict[int, KeyAdvertisement] = {}
+        seen_keys = {self._c_keys.public, self._s_keys.public}
+        for ad in message.entries:
+            if ad.sender == self.site_id:
+                if ad != self._own_ad:
+                    self._violation("the coordinator relayed a different advertisement under this site's id")
+                continue
+            if ad.sender not in self.neighbours:
+                self._violation(f"site {ad.sender} is not a neighbour of this site in the round graph")
+            if ad.round_id != config.round_id or ad.config_digest != config.digest:
+                self._fail(f"advertisement of site {ad.sender} belongs to another round")
+            if self._enforce:
+                try:
+                    self._public(ad.sender).verify(ad.statement(), ad.signature)
+                except InvalidSignatureError:
+                    self._fail(
+                        f"the advertised keys of site {ad.sender} are not signed by its roster key "
+                        "(substituted keys or a replay from another round)"
+                    )
+            if ad.encryption_key in seen_keys or ad.masking_key in seen_keys or ad.encryption_key == ad.masking_key:
+                self._fail(f"site {ad.sender} advertised a key already in use in this round")
+            seen_keys.update((ad.encryption_key, ad.masking_key))
+            peers[ad.sender] = ad
+        if len(peers) + 1 < config.threshold:
+            self._fail(
+                f"only {len(peers) + 1} of this site's neighbourhood advertised keys; threshold is {config.threshold}"
+            )
+        self._peers = peers
+        self._share_keys: dict[int, bytes] = {}
+        self._self_mask_seed = self._rng.random_bytes(32)
+        holders = sorted([self.site_id, *peers])
+        shares = share_secrets(
+            [self._s_keys.secret, self._self_mask_seed],
+            threshold=config.threshold,
+            share_ids=[h + 1 for h in holders],
+            rng=self._rng,
+        )
+        items = []
+        self._held: dict[int, tuple[bytes, bytes]] = {}
+        for holder, (key_share, mask_share) in zip(holders, shares):
+            if holder == self.site_id:
+                self._held[holder] = (key_share, mask_share)
+                continue
+            key = self._share_key(holder)
+            plaintext = encode_share_plaintext(self.site_id, holder, key_share, mask_share)
+            ad_bytes = share_associated_data(
+                digest=config.digest, round_id=config.round_id, sender=self.site_id, recipient=holder
+            )
+            items.append(EncryptedShare(self.site_id, holder, aead.seal(key, plaintext, associated_data=ad_bytes, rng=self._rng)))
+        return ShareBundle(round_id=config.round_id, config_digest=config.digest, sender=self.site_id, items=tuple(items))
+
+    def _share_key(self, peer: int) -> bytes:
+        # Cached: the same key encrypts our share to the peer and decrypts the peer's share to us.
+        key = self._share_keys.get(peer)
+        if key is None:
+            assert self.config is not None
+            secret = self._c_keys.agree(self._peers[peer].encryption_key)
+            key = share_encryption_key(secret, digest=self.config.digest, a=self.site_id, b=peer)
+            self._share_keys[peer] = key
+        return key
+
+    def _on_delivery(self, message: ShareDelivery) -> MaskedInput:
+        config = self.config
+        assert config is not None
+        for item in message.items:
+            if item.recipient != self.site_id:
+                self._fail(f"received a share addressed to site {item.recipient}")
+            if item.sender not in self._peers:
+                self._fail(f"received a share from site {item.sender}, which did not advertise keys to this site")
+            ad_bytes = share_associated_data(
+                digest=config.digest, round_id=config.round_id, sender=item.sender, recipient=self.site_id
+            )
+            try:
+                plaintext = aead.open_sealed(self._share_key(item.sender), item.ciphertext, associated_data=ad_bytes)
+                sender, recipient, key_share, mask_share = decode_share_plaintext(plaintext)
+            except DecryptionError:
+                self._fail(f"the share from site {item.sender} does not authenticate")
+            if (sender, recipient) != (item.sender, self.site_id):
+                self._fail(f"the share from site {item.sender} names the wrong sender or recipient")
+            self._held[item.sender] = (key_share, mask_share)
+        if len(self._held) < config.threshold:
+            self._fail(
+                f"shares arrived from only {len(self._held)} of this site's neighbourhood; threshold is {config.threshold}"
+            )
+        self._masked_with = frozenset(self._held) - {self.site_id}
+        accumulator = MaskAccumulator(config.vector_length + 1, dtype=config.value_codec().dtype)
+        accumulator.add_array(encode_input(config, np.asarray(self._vector, dtype=np.float64), self._weight, self._rng))
+        accumulator.add(self._self_mask_seed)
+        for peer in sorted(self._masked_with):
+            secret = self._s_keys.agree(self._peers[peer].masking_key)
+            seed = pairwise_seed(secret, digest=config.digest, a=self.site_id, b=peer)
+            if self.site_id < peer:
+                accumulator.add(seed)
+            else:
+                accumulator.subtract(seed)
+        self._vector = None  # the plaintext input is no longer needed
+        return MaskedInput(round_id=config.round_id, config_digest=config.digest, sender=self.site_id, values=accumulator.values)
+
+    def _on_survivors(self, message: SurvivorList) -> ConsistencySignature:
+        config = self.config
+        assert config is not None
+        survivors = message.survivors
+        if list(survivors) != sorted(survivors):
+            self._fail("the survivor list is not in increasing order")
+        unknown = set(survivors) - set(config.participants)
+        if unknown:
+            self._fail(f"the survivor list names non-participants {sorted(unknown)}")
+        if self.site_id not in survivors:
+            self._violation("the survivor list omits this site, which did send its masked input")
+        near = set(survivors) & self.graph.neighbourhood(self.site_id)
+        if not near <= set(self._held):
+            self._violation(f"survivors {sorted(near - set(self._held))} never sent shares to this site")
+        if len(near) < config.threshold:
+            self._fail(f"only {len(near)} of this site's neighbourhood survived; threshold is {config.threshold}")
+        self._survivors = frozenset(survivors)
+        self._survivor_statement = survivors_statement(config.digest, survivors)
+        signature = self.identity.sign(self._survivor_statement)
+        return ConsistencySignature(round_id=config.round_id, config_digest=config.digest, sender=self.site_id, signature=signature)
+
+    def _on_unmask(self, message: UnmaskRequest) -> UnmaskShares:
+        config = self.config
+        assert config is not None
+        neighbourhood = self.graph.neighbourhood(self.site_id)
+        valid = 0
+        for signer, signature in message.signatures:
+            if signer not in neighbourhood or signer not in self._survivors:
+                self._violation(f"a survivor signature comes from site {signer}, not a surviving neighbour")
+            if self._enforce:
+                try:
+                    self._public(signer).verify(self._survivor_statement, signature)
+                except InvalidSignatureError:
+                    self._fail(
+                        f"site {signer} signed a different survivor list (the coordinator showed "
+                        "different lists to different sites)"
+                    )
+            valid += 1
+            if valid >= config.threshold:
+                break  # enough agreement; the rest need not be checked
+        if valid < config.threshold:
+            self._violation(f"only {valid} neighbours confirmed the survivor list; threshold is {config.threshold}")
+        self_ids, key_ids = set(message.self_mask_ids), set(message.key_ids)
+        both = self_ids & key_ids
+        if both:
+            self._violation(f"the coordinator asked for both shares of sites {sorted(both)}")
+        if not self_ids <= self._survivors:
+            self._violation(f"self-mask shares requested for non-survivors {sorted(self_ids - self._survivors)}")
+        if key_ids & self._survivors:
+            self._violation(f"key shares requested for survivors {sorted(key_ids & self._survivors)}")
+        unheld = (self_ids | key_ids) - set(self._held)
+        if unheld:
+            self._violation(f"shares requested for sites {sorted(unheld)} whose shares this site does not hold")
+            self_ids, key_ids = self_ids - unheld, key_ids - unheld
+        mask_shares = tuple(RevealedShare(o, self._held[o][1]) for o in sorted(self_ids))
+        key_shares = tuple(RevealedShare(o, self._held[o][0]) for o in sorted(key_ids))
+        self.state = ClientState.DONE
+        self._forget_secrets()
+        return UnmaskShares(
+            round_id=config.round_id, config_digest=config.digest, sender=self.site_id,
+            self_mask_shares=mask_shares, key_shares=key_shares,
+        )
+
+    # state bookkeeping: every successful handler advances one state
+    _NEXT = {
+        ClientState.NEW: ClientState.ADVERTISED,
+        ClientState.ADVERTISED: ClientState.SHARED,
+        ClientState.SHARED: ClientState.MASKED,
+        ClientState.MASKED: ClientState.CONFIRMED,
+    }

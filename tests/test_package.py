@@ -1,0 +1,79 @@
+"""The package's public surface and its layering rules."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import securefed
+import securefed.errors as errors
+import securefed.secagg as secagg
+
+PACKAGE = pathlib.Path(securefed.__file__).parent
+HEAVY = {"torch", "opacus", "tenseal", "monai", "flwr"}
+IO_AND_CLOCK = {"socket", "time", "datetime", "asyncio", "subprocess", "http", "urllib", "requests"}
+
+
+
+@pytest.mark.parametrize("module", [securefed, secagg, errors])
+def test_all_names_exist(module: object) -> None:
+    for name in module.__all__:  # type: ignore[attr-defined]
+        assert hasattr(module, name), f"{module.__name__}.__all__ lists missing {name}"
+
+
+def test_secagg_all_matches_public_surface() -> None:
+    public = {n for n, v in vars(secagg).items() if not n.startswith("_") and not inspect.ismodule(v)}
+    assert public == set(secagg.__all__) - {"attacks"}
+
+
+def test_error_hierarchy_subclasses_builtins() -> None:
+    assert issubclass(errors.ConfigError, ValueError)
+    assert issubclass(errors.MissingDependencyError, ImportError)
+    for cls in (errors.DecryptionError, errors.InvalidSignatureError, errors.ReconstructionError):
+        assert issubclass(cls, errors.CryptoError) and issubclass(cls, ValueError)
+    for cls in (errors.MalformedMessageError, errors.UnexpectedMessageError, errors.ProtocolAbort):
+        assert issubclass(cls, errors.ProtocolError)
+    assert issubclass(errors.PrivacyBudgetExceeded, errors.PrivacyError)
+    assert issubclass(errors.UnsupportedMechanismError, errors.PrivacyError)
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), errors.SecurefedError)
+
+
+def test_config_error_lists_every_problem() -> None:
+    exc = errors.ConfigError(["first problem", "second problem"])
+    assert exc.problems == ["first problem", "second problem"]
+    assert "first problem" in str(exc) and "second problem" in str(exc)
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("layer", ["primitives", "secagg"])
+def test_cores_import_no_heavy_library_no_io_no_clock(layer: str) -> None:
+    for path in (PACKAGE / layer).glob("*.py"):
+        bad = _imports(path) & (HEAVY | IO_AND_CLOCK)
+        assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+def test_importing_securefed_loads_no_heavy_library() -> None:
+    code = "import sys, securefed, securefed.secagg; print(sorted(m for m in sys.modules if m.split('.')[0] in %r))" % HEAVY
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_no_module_is_too_long() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        assert len(path.read_text().splitlines()) <= 500, f"{path} is over 500 lines"
