@@ -153,7 +153,7 @@ class Reader:
     def u32_list(self, field: str, *, max_count: int | None = None) -> tuple[int, ...]:
         n = self.count(field, item_size=4, max_count=max_count)
         raw = self._take(4 * n, field)
-        return tuple(int(v) for v in np.frombuffer(raw, dtype="<u4"))
+        return tuple(np.frombuffer(raw, dtype="<u4").tolist())
 
     def array(self, field: str, *, max_elements: int | None = None) -> np.ndarray:
         code = self.u8(f"dtype of {field}")

@@ -14,12 +14,23 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from securefed.errors import ConfigError
-from securefed.primitives.randomness import RandomSource, uniform_floats
+from securefed.primitives.randomness import (
+    RandomSource,
+    _consume_words,
+    _fill_words,
+    _to_unit_floats,
+)
 
 __all__ = ["FixedPointCodec"]
 
 _DTYPES: dict[int, type[np.unsignedinteger]] = {32: np.uint32, 64: np.uint64}
 _SIGNED: dict[int, type[np.signedinteger]] = {32: np.int32, 64: np.int64}
+# Elements per block of the encoder: few enough that its scratch arrays stay cached and no
+# temporary has the input's length, enough that per-block call overhead stays small
+# (measured fastest between 2**12 and 2**18).
+_BLOCK = 1 << 16
+# Inputs whose values float64 holds exactly, so finiteness can be checked before converting.
+_EXACT_FLOATS = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
 
 
 def _positive_finite(name: str, value: object, problems: list[str]) -> None:
@@ -129,13 +140,18 @@ class FixedPointCodec:
         return math.ldexp(1.0, exponent)
 
     def _check_values(self, values: np.ndarray) -> np.ndarray:
+        """Validate ``values``; returns an array whose float64 conversion is the input's.
+
+        float16/32/64 and integer arrays are returned as they are (converted block by block
+        later, which gives the same float64 values), other float types converted first.
+        """
         array = np.asarray(values)
         if array.dtype.kind not in "fiu" or array.dtype == np.bool_:
             raise ConfigError(f"values must be a real numeric array, got dtype {array.dtype}")
-        array = array.astype(np.float64, copy=False)
-        finite = np.isfinite(array)
-        if not finite.all():
-            bad = np.flatnonzero(~finite.ravel())
+        if array.dtype.kind == "f" and array.dtype not in _EXACT_FLOATS:
+            array = array.astype(np.float64)
+        if array.dtype.kind == "f" and not _all_finite(array):
+            bad = np.flatnonzero(~np.isfinite(array).ravel())
             raise ConfigError(
                 f"values contain {bad.size} NaN or infinite entries (first at flat index "
                 f"{int(bad[0])}); fix or drop them before encoding"
@@ -143,10 +159,21 @@ class FixedPointCodec:
         return array
 
     def encode(self, values: np.ndarray, rng: RandomSource) -> np.ndarray:
-        """Clip, scale, stochastically round and wrap ``values``; returns ``codec.dtype``."""
+        """Clip, scale, stochastically round and wrap ``values``; returns ``codec.dtype``.
+
+        The rounding uniforms are ``uniform_floats(rng, values.size)``, in C order.
+        """
         array = self._check_values(values)
-        uniforms = uniform_floats(rng, array.size).reshape(array.shape)
-        return self._encode_checked(array, uniforms)
+        flat = array.ravel()
+        out = np.empty(flat.size, dtype=self.dtype)
+        block = _Block(self, flat, out)
+        if flat.size <= _BLOCK:
+            block.encode(0, _to_unit_floats(_fill_words(rng, np.empty(flat.size, np.uint64))))
+        else:
+            # Large inputs: the random words are generated block by block into one scratch
+            # array and used while still in cache; nothing of the input's length is made.
+            _consume_words(rng, flat.size, _BLOCK, block.encode_words)
+        return out.reshape(array.shape)
 
     def encode_with_uniforms(self, values: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
         """Like :meth:`encode` but with the rounding randomness given explicitly.
@@ -165,16 +192,13 @@ class FixedPointCodec:
         return self._encode_checked(array, uniforms)
 
     def _encode_checked(self, array: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-        scaled = np.empty(array.shape, dtype=np.float64)
-        np.clip(array, -self.clip, self.clip, out=scaled)
-        np.multiply(scaled, self.scale, out=scaled)
-        rounded = np.floor(scaled)
-        # scaled now holds the fractional part in [0, 1); round up with that probability.
-        np.subtract(scaled, rounded, out=scaled)
-        np.add(rounded, np.less(uniforms, scaled), out=rounded)
-        # int64 holds every |value| <= 2**63 - 1 (checked in __post_init__); the cast to the
-        # unsigned type then wraps negatives into two's complement.
-        return rounded.astype(np.int64).astype(self.dtype)
+        flat_uniforms = uniforms.ravel()
+        flat = array.ravel()
+        out = np.empty(flat.size, dtype=self.dtype)
+        block = _Block(self, flat, out)
+        for start in range(0, flat.size, _BLOCK):
+            block.encode(start, flat_uniforms[start : start + _BLOCK])
+        return out.reshape(array.shape)
 
     def decode(self, q: np.ndarray) -> np.ndarray:
         """Interpret ``q`` (one encoding or a sum of several) as signed and divide by scale."""
@@ -186,3 +210,51 @@ class FixedPointCodec:
             array = array.astype(self.dtype)
         signed = array.view(_SIGNED[self.bit_width])
         return signed.astype(np.float64) / self.scale
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    if array.size <= _BLOCK:
+        return bool(np.isfinite(array).all())
+    # min and max propagate NaN and reach any infinity, without a full-size boolean temporary.
+    return bool(np.isfinite(array.min()) and np.isfinite(array.max()))
+
+
+class _Block:
+    """Encodes ``values`` into ``out`` one block at a time, reusing block-sized scratch.
+
+    Per block: v = clip(x) * scale, r = floor(v), and q = r + (u < v - r), written straight
+    into ``out`` as a signed integer (every |q| is at most max_magnitude, which fits, so the
+    cast is exact and the unsigned view wraps modulo 2**bit_width).
+    """
+
+    __slots__ = ("_values", "_signed", "_scale", "_clip", "_scaled", "_floor", "_up")
+
+    def __init__(self, codec: FixedPointCodec, values: np.ndarray, out: np.ndarray) -> None:
+        size = min(values.size, _BLOCK)
+        self._values = values
+        self._signed = out.view(_SIGNED[codec.bit_width])
+        # float64 scalars make clip convert any input type to float64 as it reads it.
+        self._scale = np.float64(codec.scale)
+        self._clip = np.float64(codec.clip)
+        self._scaled = np.empty(size, dtype=np.float64)
+        self._floor = np.empty(size, dtype=np.float64)
+        self._up = np.empty(size, dtype=np.bool_)
+
+    def encode_words(self, words: np.ndarray, start: int) -> None:
+        """Encode the block at ``start`` with uniforms made from raw words (reused in place)."""
+        self.encode(start, _to_unit_floats(words))
+
+    def encode(self, start: int, uniforms: np.ndarray) -> None:
+        """Encode values ``start`` to ``start + uniforms.size`` with those uniforms."""
+        count = uniforms.size
+        stop = start + count
+        scaled = self._scaled[:count]
+        floor = self._floor[:count]
+        up = self._up[:count]
+        np.clip(self._values[start:stop], -self._clip, self._clip, out=scaled)
+        np.multiply(scaled, self._scale, out=scaled)
+        np.floor(scaled, out=floor)
+        # scaled now holds the fractional part in [0, 1); round up with that probability.
+        np.subtract(scaled, floor, out=scaled)
+        np.less(uniforms, scaled, out=up)
+        np.add(floor, up, out=self._signed[start:stop], casting="unsafe")

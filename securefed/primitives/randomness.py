@@ -7,9 +7,12 @@ deployments use the operating system (:class:`SystemRandom`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import sys
 import threading
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -31,6 +34,39 @@ _FORK_TAG = b"securefed/SeededRandom/fork/v1\x00"
 _ZERO_COUNTER = bytes(16)
 # Largest bound uniform_below accepts: keeps the rejection mask inside 63 bits.
 _MAX_BOUND = 2**63
+# Bytes per update_into call when filling word arrays: large enough that per-call overhead is
+# negligible, small enough that the shared zero input stays in cache.
+_FILL_CHUNK = 1 << 18
+_BIG_ENDIAN_HOST = sys.byteorder == "big"
+_WORD_SHIFT = np.uint64(11)
+
+# (words, start) -> None: receives consecutive blocks of a word stream (see _consume_words).
+_WordSink = Callable[[np.ndarray, int], None]
+
+
+@functools.cache
+def _zeros() -> memoryview:
+    # Read-only and shared by every stream: CTR output for zero input is the keystream itself.
+    return memoryview(bytes(_FILL_CHUNK))
+
+
+def _word_bytes(out: np.ndarray) -> memoryview:
+    """Check that ``out`` can take words in place and return its bytes."""
+    if not isinstance(out, np.ndarray):
+        raise ConfigError(f"out must be a numpy array, got {type(out).__name__}")
+    if out.dtype != np.dtype(np.uint64):
+        raise ConfigError(f"out must have dtype uint64 (native byte order), got {out.dtype}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ConfigError("out must be a C-contiguous, writeable array")
+    # A zero-size array cannot be cast, and has no bytes to fill anyway.
+    return memoryview(out).cast("B") if out.size else memoryview(bytearray())
+
+
+def _words_from_little_endian(words: np.ndarray) -> np.ndarray:
+    # Random bytes are read as little-endian words; only big-endian hosts must swap.
+    if _BIG_ENDIAN_HOST:
+        words.byteswap(inplace=True)
+    return words
 
 
 @runtime_checkable
@@ -59,6 +95,24 @@ class SystemRandom:
     def random_bytes(self, n: int) -> bytes:
         """Return ``n`` bytes from ``os.urandom``."""
         return os.urandom(_check_count(n, "n"))
+
+    def fill_uniform_words(self, out: np.ndarray) -> np.ndarray:
+        """Fill ``out`` (C-contiguous, writeable uint64) with random words and return it.
+
+        The words are ``os.urandom`` bytes read as little-endian uint64, as
+        :func:`uniform_floats` and :func:`uniform_below` would read :meth:`random_bytes`.
+        """
+        dest = _word_bytes(out)
+        for start in range(0, len(dest), _FILL_CHUNK):
+            stop = min(start + _FILL_CHUNK, len(dest))
+            dest[start:stop] = os.urandom(stop - start)
+        return _words_from_little_endian(out)
+
+    def _consume_words(self, n: int, block: int, sink: _WordSink) -> None:
+        scratch = np.empty(min(n, block), dtype=np.uint64)
+        for start in range(0, n, block):
+            words = scratch[: min(block, n - start)]
+            sink(self.fill_uniform_words(words), start)
 
     def __repr__(self) -> str:
         return "SystemRandom()"
@@ -105,8 +159,42 @@ class SeededRandom:
     def random_bytes(self, n: int) -> bytes:
         """Return the next ``n`` bytes of the keystream."""
         n = _check_count(n, "n")
+        # Encrypting the shared zero buffer spares allocating (and faulting in) a fresh one.
+        zeros = _zeros()[:n] if n <= _FILL_CHUNK else bytes(n)
         with self._lock:
-            return self._encryptor.update(bytes(n))
+            return self._encryptor.update(zeros)
+
+    def fill_uniform_words(self, out: np.ndarray) -> np.ndarray:
+        """Fill ``out`` (C-contiguous, writeable uint64) with keystream words and return it.
+
+        The words are the next ``8 * out.size`` bytes of the stream, exactly the bytes
+        ``random_bytes(8 * out.size)`` would return, read as little-endian uint64 (as
+        :func:`uniform_floats` and :func:`uniform_below` read them); the stream advances the
+        same way. The whole fill is one locked step, like one :meth:`random_bytes` call.
+        """
+        dest = _word_bytes(out)
+        with self._lock:
+            self._keystream_into(dest)
+        return _words_from_little_endian(out)
+
+    def _consume_words(self, n: int, block: int, sink: _WordSink) -> None:
+        scratch = np.empty(min(n, block), dtype=np.uint64)
+        raw = _word_bytes(scratch)
+        # One lock for all blocks: the n words are one contiguous piece of the stream, exactly
+        # as if they had been read with a single fill_uniform_words call.
+        with self._lock:
+            for start in range(0, n, block):
+                count = min(block, n - start)
+                self._keystream_into(raw[: 8 * count])
+                sink(_words_from_little_endian(scratch[:count]), start)
+
+    def _keystream_into(self, dest: memoryview) -> None:
+        # The caller holds the lock. update_into writes straight into dest: no temporaries.
+        zeros = _zeros()
+        update_into = self._encryptor.update_into
+        for start in range(0, len(dest), _FILL_CHUNK):
+            stop = min(start + _FILL_CHUNK, len(dest))
+            update_into(zeros[: stop - start], dest[start:stop])
 
     def fork(self, label: str) -> SeededRandom:
         """Return an independent child stream for ``label``.
@@ -132,12 +220,65 @@ def default_random(seed: int | bytes | str | None) -> RandomSource:
     return SeededRandom(seed)
 
 
-def uniform_floats(rng: RandomSource, n: int) -> np.ndarray:
-    """Return ``n`` float64 values uniform in [0, 1), each built from 53 random bits."""
-    n = _check_count(n, "n")
+def _fast_source(rng: RandomSource) -> bool:
+    """Whether ``rng`` is a SeededRandom or SystemRandom whose word fills match random_bytes.
+
+    A subclass that overrides random_bytes or fill_uniform_words goes through random_bytes,
+    so the words always come from the bytes it defines.
+    """
+    for klass in type(rng).__mro__:
+        if klass is SeededRandom or klass is SystemRandom:
+            return True
+        if "random_bytes" in vars(klass) or "fill_uniform_words" in vars(klass):
+            return False
+    return False
+
+
+def _fill_words(rng: RandomSource, out: np.ndarray) -> np.ndarray:
+    """Fill the fresh uint64 array ``out`` as ``random_bytes(8 * out.size)`` read as "<u8"."""
+    if _fast_source(rng):
+        return rng.fill_uniform_words(out)  # type: ignore[attr-defined]
+    out[...] = np.frombuffer(rng.random_bytes(8 * out.size), dtype="<u8")
+    return out
+
+
+def _consume_words(rng: RandomSource, n: int, block: int, sink: _WordSink) -> None:
+    """Feed the ``n`` words that ``uniform_floats(rng, n)`` would use to ``sink``, in order.
+
+    ``sink(words, start)`` gets words ``start`` to ``start + words.size`` in a reused scratch
+    array of at most ``block`` words, which it may overwrite; nothing of length ``n`` is
+    allocated. The source's lock is held throughout, so ``sink`` must not use ``rng``.
+    """
+    if _fast_source(rng):
+        rng._consume_words(n, block, sink)  # type: ignore[attr-defined]
+        return
     words = np.frombuffer(rng.random_bytes(8 * n), dtype="<u8")
+    if words.size != n:
+        raise ValueError(f"random_bytes returned {8 * words.size} bytes, not {8 * n}")
+    for start in range(0, n, block):
+        sink(words[start : start + block].astype(np.uint64), start)
+
+
+def _to_unit_floats(words: np.ndarray) -> np.ndarray:
+    """Turn uint64 words into floats in [0, 1) in place; returns the float64 view."""
     # The top 53 bits of each word fill a float64 mantissa exactly.
-    return (words >> np.uint64(11)).astype(np.float64) * (2.0**-53)
+    np.right_shift(words, _WORD_SHIFT, out=words)
+    floats = words.view(np.float64)
+    # After the shift every word fits an int64; assignment converts as if from a copy.
+    floats[...] = words.view(np.int64)
+    floats *= 2.0**-53
+    return floats
+
+
+def uniform_floats(rng: RandomSource, n: int) -> np.ndarray:
+    """Return ``n`` float64 values uniform in [0, 1), each built from 53 random bits.
+
+    Value i comes from bytes ``8i`` to ``8i + 8`` of ``rng.random_bytes(8 * n)``, read as a
+    little-endian word whose top 53 bits are scaled by ``2**-53``.
+    """
+    n = _check_count(n, "n")
+    # The words are generated into the output array itself and converted there.
+    return _to_unit_floats(_fill_words(rng, np.empty(n, dtype=np.uint64)))
 
 
 def uniform_below(rng: RandomSource, bound: int, n: int) -> np.ndarray:
@@ -162,7 +303,8 @@ def uniform_below(rng: RandomSource, bound: int, n: int) -> np.ndarray:
         missing = n - filled
         # A small surplus makes a second pass rare without wasting much randomness.
         draw = int(missing * draws_per_value * 1.02) + 32
-        words = np.frombuffer(rng.random_bytes(8 * draw), dtype="<u8") & mask
+        words = _fill_words(rng, np.empty(draw, dtype=np.uint64))
+        np.bitwise_and(words, mask, out=words)
         accepted = words[words < limit][:missing]
         result[filled : filled + accepted.size] = accepted
         filled += accepted.size

@@ -27,7 +27,7 @@ class Roster(Mapping[str, PublicIdentity]):
     same roster file agree on every site's :meth:`index`.
     """
 
-    __slots__ = ("_identities", "_by_name", "_index")
+    __slots__ = ("_identities", "_by_name", "_index", "_names", "_digest")
 
     def __init__(self, identities: Iterable[PublicIdentity]) -> None:
         entries = tuple(identities)
@@ -49,11 +49,13 @@ class Roster(Mapping[str, PublicIdentity]):
         self._identities = entries
         self._by_name = {entry.name: entry for entry in entries}
         self._index = {entry.name: i for i, entry in enumerate(entries)}
+        self._names = tuple(entry.name for entry in entries)
+        self._digest: bytes | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
         """Site names in roster order."""
-        return tuple(entry.name for entry in self._identities)
+        return self._names
 
     @property
     def identities(self) -> tuple[PublicIdentity, ...]:
@@ -95,6 +97,11 @@ class Roster(Mapping[str, PublicIdentity]):
 
     def digest(self) -> bytes:
         """SHA-256 over a canonical, length-prefixed encoding of the roster in order."""
+        if self._digest is None:  # immutable, so computed once (every party checks it each round)
+            self._digest = self._compute_digest()
+        return self._digest
+
+    def _compute_digest(self) -> bytes:
         hasher = hashlib.sha256(_DIGEST_TAG)
         hasher.update(struct.pack(">I", len(self._identities)))
         for entry in self._identities:

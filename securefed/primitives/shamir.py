@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from securefed.errors import ConfigError, ReconstructionError
+from securefed.primitives._field import PRIME, evaluate, interpolate
 from securefed.primitives.randomness import RandomSource, uniform_below
 
 __all__ = [
@@ -27,10 +28,15 @@ __all__ = [
     "evaluate_polynomials",
 ]
 
-PRIME = 2**31 - 1
-_P = np.uint64(PRIME)
 _LIMB_BYTES = 2
 _WORD = np.dtype("<u4")
+# Upper bound on the elements of one interpolation work array: a large batch is processed in
+# slices of secrets this size, so memory stays bounded and the arrays stay cache-sized.
+_BATCH_ELEMENTS = 1 << 16
+# Type sets that the fast validation paths compare against.
+_INT_TYPE = {int}
+_BYTES_TYPE = {bytes}
+_PLAIN_SEQUENCES = (list, tuple)
 
 
 def _limb_count(secret_size: int) -> int:
@@ -45,6 +51,16 @@ def share_size(secret_size: int) -> int:
 
 
 def _check_share_ids(share_ids: Sequence[int]) -> list[int]:
+    if (
+        type(share_ids) in _PLAIN_SEQUENCES
+        and share_ids
+        and set(map(type, share_ids)) == _INT_TYPE
+        and min(share_ids) > 0
+        and max(share_ids) < PRIME
+        and len(set(share_ids)) == len(share_ids)
+    ):
+        # The usual case, checked with C-level passes; anything else gets itemised below.
+        return list(share_ids)
     problems: list[str] = []
     ids: list[int] = []
     for position, raw in enumerate(share_ids):
@@ -75,7 +91,7 @@ def _check_threshold(threshold: int) -> int:
 
 
 def evaluate_polynomials(coefficients: np.ndarray, share_ids: Sequence[int]) -> np.ndarray:
-    """Evaluate many polynomials at many points mod PRIME (Horner's rule).
+    """Evaluate many polynomials at many points mod PRIME.
 
     ``coefficients`` has shape ``(degree + 1, n_polynomials)``, constant terms first, all
     entries in [0, PRIME). Returns a uint64 array of shape ``(len(share_ids), n_polynomials)``.
@@ -85,14 +101,7 @@ def evaluate_polynomials(coefficients: np.ndarray, share_ids: Sequence[int]) -> 
         raise ConfigError(f"coefficients must have shape (degree+1, n), got {coefficients.shape}")
     if coefficients.size and int(coefficients.max()) >= PRIME:
         raise ConfigError("coefficients must be field elements in [0, 2**31 - 1)")
-    xs = np.asarray(_check_share_ids(share_ids), dtype=np.uint64)[:, None]
-    result = np.broadcast_to(coefficients[-1], (xs.shape[0], coefficients.shape[1])).copy()
-    for coefficient in coefficients[-2::-1]:
-        # result < p and x < p, so result * x + coefficient < 2**63: no uint64 overflow.
-        np.multiply(result, xs, out=result)
-        np.add(result, coefficient, out=result)
-        np.remainder(result, _P, out=result)
-    return result
+    return evaluate(coefficients, _check_share_ids(share_ids))
 
 
 def _secret_limbs(secret: bytes, position: int) -> np.ndarray:
@@ -134,37 +143,19 @@ def share_secrets(
     coefficients[1:] = uniform_below(rng, PRIME, (threshold - 1) * n_limbs).reshape(
         threshold - 1, n_limbs
     )
-    evaluations = evaluate_polynomials(coefficients, ids).astype(_WORD)
-    bounds = np.cumsum([0] + [limb.size for limb in limbs])
+    # One bytes object for all evaluations, then plain slices: a share is a row's byte range.
+    flat = evaluate(coefficients, ids).astype(_WORD).tobytes()
+    row_bytes = _WORD.itemsize * n_limbs
+    spans = []
+    start = 0
+    for limb in limbs:
+        stop = start + _WORD.itemsize * limb.size
+        spans.append((start, stop))
+        start = stop
     return [
-        [row[bounds[i] : bounds[i + 1]].tobytes() for i in range(len(limbs))] for row in evaluations
+        [flat[row + begin : row + end] for begin, end in spans]
+        for row in range(0, len(flat), row_bytes)
     ]
-
-
-def _lagrange_weights(xs: Sequence[int], at: int) -> list[int]:
-    """Weights w_j with f(at) = sum_j w_j * f(xs[j]) for every polynomial of degree < len(xs)."""
-    weights = []
-    for j, xj in enumerate(xs):
-        numerator = 1
-        denominator = 1
-        for m, xm in enumerate(xs):
-            if m != j:
-                numerator = numerator * (at - xm) % PRIME
-                denominator = denominator * (xj - xm) % PRIME
-        weights.append(numerator * pow(denominator, PRIME - 2, PRIME) % PRIME)
-    return weights
-
-
-def _combine(weights: Sequence[int], rows: np.ndarray) -> np.ndarray:
-    """Return sum_j weights[j] * rows[j] mod PRIME, row by row to keep values below 2**63."""
-    total = np.zeros(rows.shape[1], dtype=np.uint64)
-    term = np.empty_like(total)
-    for weight, row in zip(weights, rows, strict=True):
-        np.multiply(row, np.uint64(weight), out=term)
-        np.remainder(term, _P, out=term)
-        np.add(total, term, out=total)
-        np.remainder(total, _P, out=total)
-    return total
 
 
 def _decode_shares(
@@ -197,46 +188,124 @@ def _decode_shares(
     return decoded
 
 
-def _reconstruct_group(
-    ids: Sequence[int], rows: np.ndarray, threshold: int, indices: Sequence[int], n_limbs: int
-) -> np.ndarray:
-    """Interpolate at zero from the first ``threshold`` ids and check every other id agrees.
+def _decode_one(
+    shares: object, index: int, threshold: int, secret_size: int
+) -> dict[int, np.ndarray]:
+    """Validate and decode one secret's shares share by share (the reference order of checks)."""
+    label = f"secret {index}"
+    if not isinstance(shares, Mapping):
+        raise ReconstructionError(f"{label}: shares must be a mapping of share id to bytes")
+    decoded = _decode_shares(shares, secret_size, label)
+    if len(decoded) < threshold:
+        raise ReconstructionError(
+            f"{label}: got {len(decoded)} shares but {threshold} are needed to reconstruct"
+        )
+    return decoded
 
-    ``rows[k]`` holds share id ``ids[k]`` of every secret in the group, one block of
-    ``n_limbs`` columns per secret (``indices`` gives each block's position in the batch).
+
+def _raise_first_problem(
+    shares_per_secret: Sequence[object], count: int, threshold: int, secret_size: int
+) -> None:
+    """Re-check the first ``count`` secrets in order and raise the first problem among them.
+
+    The fast path checks the field range of all shares at once, after the cheap checks; this
+    replay makes the reported error the first one in input order, as a one-by-one check would.
     """
-    base, extra = list(ids[:threshold]), list(ids[threshold:])
-    constant = _combine(_lagrange_weights(base, 0), rows[:threshold])
-    disagreeing: dict[int, list[int]] = {}
-    for offset, x in enumerate(extra):
-        predicted = _combine(_lagrange_weights(base, x), rows[:threshold])
-        mismatch = (predicted != rows[threshold + offset]).reshape(len(indices), n_limbs)
-        for block in np.flatnonzero(mismatch.any(axis=1)):
-            disagreeing.setdefault(indices[block], []).append(x)
-    if disagreeing:
-        first = min(disagreeing)
-        others = len(disagreeing) - 1
-        raise ReconstructionError(
-            f"secret {first}: the shares do not lie on one polynomial of degree "
-            f"{threshold - 1}: share ids {disagreeing[first]} disagree with share ids {base}; "
-            "at least one share is corrupted or belongs to another secret"
-            + (f" ({others} more secrets are inconsistent)" if others else "")
-        )
-    return constant
+    for index in range(count):
+        _decode_one(shares_per_secret[index], index, threshold, secret_size)
 
 
-def _limbs_to_secret(limbs: np.ndarray, secret_size: int, label: str) -> bytes:
+def _fast_decode(
+    shares: object, expected: int, threshold: int
+) -> tuple[tuple[int, ...], bytes] | None:
+    """Return (sorted share ids, the shares joined in that order), or None if anything is off.
+
+    Only checks that need no array work are made here (the field range is checked in bulk
+    later). None sends the secret through :func:`_decode_one`, which reports the problem.
+    """
+    if type(shares) is dict and len(shares) >= threshold:
+        # The usual case, checked with C-level passes instead of a Python loop per share.
+        if (
+            set(map(type, shares)) == _INT_TYPE
+            and set(map(type, shares.values())) == _BYTES_TYPE
+            and min(shares) > 0
+            and max(shares) < PRIME
+            and set(map(len, shares.values())) == {expected}
+        ):
+            ids = tuple(sorted(shares))
+            return ids, b"".join(map(shares.__getitem__, ids))
+    if not isinstance(shares, Mapping):
+        return None
+    blobs: dict[int, bytes] = {}
+    seen = 0
+    for raw_id, blob in shares.items():
+        seen += 1
+        if type(raw_id) is not int:
+            if isinstance(raw_id, bool):
+                return None
+            try:
+                raw_id = operator.index(raw_id)
+            except TypeError:
+                return None
+        if not 0 < raw_id < PRIME:
+            return None
+        if type(blob) is not bytes:
+            if not isinstance(blob, bytes | bytearray | memoryview) or len(blob) != expected:
+                return None
+            blob = bytes(blob)
+        if len(blob) != expected:
+            return None
+        blobs[raw_id] = blob
+    # Ids that collapse onto one int would hide a share from the bulk range check.
+    if seen != len(blobs) or seen < threshold:
+        return None
+    ids = tuple(sorted(blobs))
+    return ids, b"".join([blobs[x] for x in ids])
+
+
+def _batches(
+    members: list[int],
+    id_sets: Sequence[tuple[int, ...]],
+    threshold: int,
+    n_ids: int,
+    n_limbs: int,
+) -> Iterator[tuple[list[int], list[int]]]:
+    """Split secrets with ``n_ids`` shares each into batches of bounded working memory.
+
+    Yields (secret indices, their positions in ``members``). Secrets with equal id sets go
+    into the same batch where possible, since a batch computes weights once per id set.
+    """
+    n_points = n_ids - threshold + 1
+    # Largest work arrays: threshold x points weights and threshold x threshold denominator
+    # factors per id set, points x limbs values per secret.
+    set_cost = threshold * max(threshold, n_points)
+    secret_cost = n_points * n_limbs
+    by_set: dict[tuple[int, ...], list[int]] = {}
+    for position, index in enumerate(members):
+        by_set.setdefault(id_sets[index], []).append(position)
+    chunk: list[int] = []
+    positions: list[int] = []
+    cost = 0
+    for group in by_set.values():
+        cost += set_cost
+        for position in group:
+            if positions and cost + secret_cost > _BATCH_ELEMENTS:
+                yield chunk, positions
+                chunk, positions, cost = [], [], set_cost
+            chunk.append(members[position])
+            positions.append(position)
+            cost += secret_cost
+    if positions:
+        yield chunk, positions
+
+
+def _limbs_problem(constants: np.ndarray, raw: np.ndarray, secret_size: int) -> np.ndarray:
+    """Per secret: 0 if fine, 1 if a limb is not 16-bit, 2 if the padding is non-zero."""
     # Honest shares always interpolate to 16-bit limbs (and a zero pad byte for odd sizes).
-    if limbs.size and int(limbs.max()) > 0xFFFF:
-        raise ReconstructionError(
-            f"{label}: reconstructed value is not a valid secret; the shares are inconsistent"
-        )
-    raw = limbs.astype("<u2").tobytes()
-    if any(raw[secret_size:]):
-        raise ReconstructionError(
-            f"{label}: reconstructed padding is non-zero; the shares are inconsistent"
-        )
-    return raw[:secret_size]
+    problem = np.zeros(constants.shape[0], dtype=np.int8)
+    problem[raw.view(np.uint8)[:, secret_size:].any(axis=1)] = 2
+    problem[(constants > 0xFFFF).any(axis=1)] = 1
+    return problem
 
 
 def reconstruct_secrets(
@@ -250,32 +319,100 @@ def reconstruct_secrets(
     Each mapping is share id -> share bytes for one secret. Raises
     :class:`ReconstructionError` if a secret has fewer than ``threshold`` shares, a share is
     malformed, or shares beyond the first ``threshold`` do not fit the same polynomial.
+
+    All secrets with the same number of shares are interpolated together in array batches,
+    so the cost per secret is a few microseconds of array work plus the decoding of its shares.
     """
     _check_threshold(threshold)
-    share_size(secret_size)
+    expected = share_size(secret_size)
     n_limbs = _limb_count(secret_size)
-    groups: dict[tuple[int, ...], list[tuple[int, dict[int, np.ndarray]]]] = {}
+    mappings: list[object] = []
+    id_sets: list[tuple[int, ...]] = []
+    joined: list[bytes] = []
     for index, shares in enumerate(shares_per_secret):
-        label = f"secret {index}"
-        if not isinstance(shares, Mapping):
-            raise ReconstructionError(f"{label}: shares must be a mapping of share id to bytes")
-        decoded = _decode_shares(shares, secret_size, label)
-        if len(decoded) < threshold:
-            raise ReconstructionError(
-                f"{label}: got {len(decoded)} shares but {threshold} are needed to reconstruct"
-            )
-        # Sorting makes the interpolation set, and so any error message, independent of order.
-        groups.setdefault(tuple(sorted(decoded)), []).append((index, decoded))
-    results: list[bytes] = [b""] * len(shares_per_secret)
+        mappings.append(shares)
+        entry = _fast_decode(shares, expected, threshold)
+        if entry is None:
+            try:
+                decoded = _decode_one(shares, index, threshold, secret_size)
+            except ReconstructionError:
+                # An earlier secret may hold an out-of-field share (checked in bulk below).
+                _raise_first_problem(mappings, index, threshold, secret_size)
+                raise
+            ids = tuple(sorted(decoded))
+            words = [decoded[x] for x in ids]
+            if any(w.size != n_limbs for w in words):
+                raise ReconstructionError(
+                    f"secret {index}: a share is malformed: expected {expected} bytes"
+                )
+            entry = ids, np.stack(words).astype(_WORD).tobytes()
+        id_sets.append(entry[0])
+        joined.append(entry[1])
+    n_secrets = len(id_sets)
+    # Secrets with the same number of shares are stacked into one (secrets, ids, limbs) array.
+    by_count: dict[int, list[int]] = {}
+    for index, ids in enumerate(id_sets):
+        by_count.setdefault(len(ids), []).append(index)
+    stacked: list[tuple[list[int], np.ndarray]] = []
+    for count, members in by_count.items():
+        words = np.frombuffer(b"".join([joined[i] for i in members]), dtype=_WORD)
+        if words.size and int(words.max()) >= PRIME:
+            _raise_first_problem(mappings, n_secrets, threshold, secret_size)
+            raise ReconstructionError("a share holds a value outside the field")
+        stacked.append((members, words.reshape(len(members), count, n_limbs)))
+    constants = np.empty((n_secrets, n_limbs), dtype=np.uint64)
+    mismatches: dict[int, np.ndarray] = {}
+    for members, words in stacked:
+        for chunk, positions in _batches(members, id_sets, threshold, words.shape[1], n_limbs):
+            rows = words[positions].astype(np.uint64)
+            values, mismatch = interpolate([id_sets[i] for i in chunk], rows, threshold)
+            constants[chunk] = values
+            for position in np.flatnonzero(mismatch.any(axis=1)).tolist():
+                mismatches[chunk[position]] = mismatch[position]
+    raw = constants.astype("<u2")
+    problems = _limbs_problem(constants, raw, secret_size)
+    if mismatches or problems.any():
+        _raise_inconsistency(id_sets, mismatches, problems, threshold)
+    blob = raw.tobytes()
+    width = raw.itemsize * n_limbs
+    return [blob[i * width : i * width + secret_size] for i in range(n_secrets)]
+
+
+def _raise_inconsistency(
+    id_sets: Sequence[tuple[int, ...]],
+    mismatches: Mapping[int, np.ndarray],
+    problems: np.ndarray,
+    threshold: int,
+) -> None:
+    """Raise for the first inconsistent secret, visiting id sets in order of first use."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, ids in enumerate(id_sets):
+        groups.setdefault(ids, []).append(index)
     for ids, members in groups.items():
-        # One column block per secret: rows are share ids, columns all limbs of the group.
-        rows = np.stack([np.concatenate([decoded[x] for _, decoded in members]) for x in ids])
-        indices = [index for index, _ in members]
-        constants = _reconstruct_group(ids, rows, threshold, indices, n_limbs)
-        for position, (index, _) in enumerate(members):
-            limbs = constants[position * n_limbs : (position + 1) * n_limbs]
-            results[index] = _limbs_to_secret(limbs, secret_size, f"secret {index}")
-    return results
+        disagreeing = [index for index in members if index in mismatches]
+        if disagreeing:
+            first = disagreeing[0]
+            others = len(disagreeing) - 1
+            extra = ids[threshold:]
+            bad = [extra[e] for e in np.flatnonzero(mismatches[first]).tolist()]
+            raise ReconstructionError(
+                f"secret {first}: the shares do not lie on one polynomial of degree "
+                f"{threshold - 1}: share ids {bad} disagree with share ids "
+                f"{list(ids[:threshold])}; "
+                "at least one share is corrupted or belongs to another secret"
+                + (f" ({others} more secrets are inconsistent)" if others else "")
+            )
+        for index in members:
+            label = f"secret {index}"
+            if problems[index] == 1:
+                raise ReconstructionError(
+                    f"{label}: reconstructed value is not a valid secret; the shares are "
+                    "inconsistent"
+                )
+            if problems[index] == 2:
+                raise ReconstructionError(
+                    f"{label}: reconstructed padding is non-zero; the shares are inconsistent"
+                )
 
 
 def reconstruct_secret(

@@ -81,8 +81,13 @@ _EXPECTS: dict[ClientState, type] = {
 def encode_input(config: RoundConfig, vector: np.ndarray, weight: float, rng: RandomSource) -> np.ndarray:
     """Fixed-point encoding of ``weight * vector`` followed by the encoded weight itself."""
     values = np.empty(config.vector_length + 1, dtype=config.value_codec().dtype)
-    clipped = np.clip(vector, -config.clip, config.clip)
-    values[:-1] = config.value_codec().encode(clipped * weight, rng)
+    if weight == config.max_weight:
+        # The codec clips at clip * max_weight, which equals clip(x) * weight here.
+        scaled = vector if weight == 1.0 else np.multiply(vector, weight, dtype=np.float64)
+    else:
+        scaled = np.clip(vector, -config.clip, config.clip, dtype=np.float64)
+        np.multiply(scaled, weight, out=scaled)
+    values[:-1] = config.value_codec().encode(scaled, rng)
     values[-1:] = config.weight_codec().encode(np.array([weight], dtype=np.float64), rng)
     return values
 
@@ -183,6 +188,8 @@ class SecAggClient:
             self._fail("message is bound to a different round configuration (threshold or settings changed?)")
 
     def _public(self, site: int) -> PublicIdentity:
+        if not 0 <= site < len(self._identities):
+            self._fail(f"site {site} is not in the federation roster")
         return self._identities[site]
 
     # ------------------------------------------------------------------ stage handlers
@@ -195,6 +202,9 @@ class SecAggClient:
             problems.append("the round is for a different federation roster")
         if self.site_id not in config.participants:
             problems.append("this site is not a participant of the round")
+        outside = [p for p in config.participants if p >= len(self._identities)]
+        if outside:
+            problems.append(f"participants {outside[:5]} are not in the roster of {len(self._identities)} sites")
         if self._vector is not None and np.shape(self._vector) != (config.vector_length,):
             problems.append(f"input has shape {np.shape(self._vector)}, the round expects ({config.vector_length},)")
         if not 0.0 <= self._weight <= config.max_weight:

@@ -90,6 +90,15 @@ class SecAggConfig:
             problems.append(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
         if not 0.0 <= self.corrupt_fraction < 0.5:
             problems.append(f"corrupt_fraction must be in [0, 0.5), got {self.corrupt_fraction!r}")
+        numbers_ok = self.bit_width in (32, 64) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            for v in (self.clip, self.max_weight, self.scale if self.scale is not None else 1.0)
+        )
+        if numbers_ok and self.scale is not None:
+            try:  # a scale that overflows even one value is wrong for any number of sites
+                FixedPointCodec(bit_width=self.bit_width, scale=self.scale, clip=self.clip * self.max_weight)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
         if problems:
             raise ConfigError(problems)
 

@@ -4,13 +4,16 @@ Complete (classic SecAgg) or a random k-regular graph (SecAgg+): a Harary ring l
 permutation of the participants drawn from the public round seed, each site joined to the k/2
 nearest sites on either side. Every client recomputes the graph from the signed round
 configuration and so can check that the coordinator delivered exactly its neighbours.
+Neighbourhoods are computed on demand: a client only ever asks about itself and a few peers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from securefed.primitives.randomness import SeededRandom, uniform_below
+import numpy as np
+
+from securefed.primitives.randomness import SeededRandom
 
 __all__ = ["NeighbourGraph"]
 
@@ -20,27 +23,28 @@ class NeighbourGraph:
         self.participants = tuple(participants)
         n = len(self.participants)
         self.complete = neighbors is None or neighbors >= n - 1
+        self._half = 0 if self.complete else int(neighbors or 0) // 2
+        self._everyone = frozenset(self.participants)
         self._neighbours: dict[int, frozenset[int]] = {}
         self._neighbourhoods: dict[int, frozenset[int]] = {}
-        self._everyone = frozenset(self.participants)
-        if self.complete:
-            return  # computed on demand: a client only ever asks about itself and a few peers
-        order = _permutation(n, seed)
-        ring = [self.participants[i] for i in order]
-        half = int(neighbors or 0) // 2
-        for pos, site in enumerate(ring):
-            near = {ring[(pos + d) % n] for d in range(1, half + 1)}
-            near |= {ring[(pos - d) % n] for d in range(1, half + 1)}
-            self._neighbours[site] = frozenset(near)
-            self._neighbourhoods[site] = frozenset(near | {site})
+        if not self.complete:
+            self._ring = [self.participants[i] for i in _permutation(n, seed)]
+            self._position = {site: pos for pos, site in enumerate(self._ring)}
 
     def neighbours(self, site: int) -> frozenset[int]:
         """The sites ``site`` exchanges shares and pairwise masks with (not itself)."""
         found = self._neighbours.get(site)
         if found is None:
-            if not (self.complete and site in self._everyone):
+            if site not in self._everyone:
                 raise KeyError(site)
-            found = self._neighbours[site] = self._everyone - {site}
+            if self.complete:
+                found = self._everyone - {site}
+            else:
+                n, pos = len(self._ring), self._position[site]
+                found = frozenset(
+                    self._ring[(pos + d) % n] for d in range(-self._half, self._half + 1) if d
+                )
+            self._neighbours[site] = found
         return found
 
     def neighbourhood(self, site: int) -> frozenset[int]:
@@ -49,20 +53,23 @@ class NeighbourGraph:
             if site not in self._everyone:
                 raise KeyError(site)
             return self._everyone
-        return self._neighbourhoods[site]
+        found = self._neighbourhoods.get(site)
+        if found is None:
+            found = self._neighbourhoods[site] = self.neighbours(site) | {site}
+        return found
 
     def degree(self) -> int:
-        return len(self.participants) - 1 if self.complete else len(next(iter(self._neighbours.values())))
+        return len(self.participants) - 1 if self.complete else 2 * self._half
 
     def __contains__(self, site: object) -> bool:
         return site in self._everyone
 
 
-def _permutation(n: int, seed: bytes) -> list[int]:
-    """Fisher-Yates with unbiased draws from a PRG keyed by the round seed."""
+def _permutation(n: int, seed: bytes) -> np.ndarray:
+    """A uniformly random permutation: sort n random 64-bit keys from a PRG keyed by the seed.
+
+    Ties (probability about n^2 / 2^65) are broken by index, so every party gets the same order.
+    """
     rng = SeededRandom(b"securefed/secagg/v1/graph" + seed)
-    order = list(range(n))
-    for i in range(n - 1, 0, -1):
-        j = int(uniform_below(rng, i + 1, 1)[0])
-        order[i], order[j] = order[j], order[i]
-    return order
+    keys = np.frombuffer(rng.random_bytes(8 * n), dtype="<u8")
+    return np.argsort(keys, kind="stable")

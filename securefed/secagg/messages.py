@@ -368,6 +368,11 @@ def decode_message(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -
         raise MalformedMessageError(f"unknown message kind {kind}")
     round_id = r.u64("round id")
     digest = r.fixed(32, "config digest")
-    message = cls._decode(r, round_id, digest)
+    try:
+        message = cls._decode(r, round_id, digest)
+    except MalformedMessageError:
+        raise
+    except (ValueError, OverflowError, TypeError) as exc:  # defence in depth for hostile bytes
+        raise MalformedMessageError(f"{cls.__name__}: {exc}") from None
     r.finish()
     return message

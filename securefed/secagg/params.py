@@ -28,6 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from securefed.errors import ConfigError
 
 __all__ = [
@@ -47,21 +49,32 @@ DEFAULT_SECURITY_BITS = 40
 DEFAULT_FAILURE_BITS = 20
 
 
+def _log2_tails(k: int, p: float) -> np.ndarray:
+    """T[x] = log2 P[Binomial(k, p) >= x] for x = 0..k+1, in log space so tiny tails don't underflow."""
+    tails = np.full(k + 2, -np.inf)
+    tails[0] = 0.0
+    if p <= 0.0:
+        return tails
+    if p >= 1.0:
+        tails[: k + 1] = 0.0
+        return tails
+    i = np.arange(k + 1, dtype=np.float64)
+    log_comb = np.concatenate(([0.0], np.cumsum(np.log((k - i[1:] + 1) / i[1:]))))
+    log_pmf = log_comb + i * math.log(p) + (k - i) * math.log1p(-p)
+    # Suffix log-sum-exp: tail(x) = log sum_{i >= x} pmf(i).
+    suffix = np.logaddexp.accumulate(log_pmf[::-1])[::-1]
+    tails[: k + 1] = np.minimum(suffix / math.log(2), 0.0)
+    tails[0] = 0.0
+    return tails
+
+
 def _log2_binom_tail_ge(k: int, p: float, x: int) -> float:
-    """log2 P[Binomial(k, p) >= x], computed in log space so tiny tails don't underflow."""
+    """log2 P[Binomial(k, p) >= x]."""
     if x <= 0:
         return 0.0
-    if x > k or p <= 0.0:
+    if x > k:
         return -math.inf
-    if p >= 1.0:
-        return 0.0
-    terms = [
-        math.lgamma(k + 1) - math.lgamma(i + 1) - math.lgamma(k - i + 1)
-        + i * math.log(p) + (k - i) * math.log1p(-p)
-        for i in range(x, k + 1)
-    ]
-    top = max(terms)
-    return (top + math.log(sum(math.exp(t - top) for t in terms))) / math.log(2)
+    return float(_log2_tails(k, p)[x])
 
 
 def minimum_threshold(neighbourhood_size: int) -> int:
@@ -85,11 +98,10 @@ class ParameterChoice:
 
 
 def _corrupt_bound(k: int, g: float, n: int, sigma: int) -> int:
+    """Smallest c with n * P[Binomial(k, g) > c] <= 2^-sigma (tails fall as c grows)."""
     target = -sigma - math.log2(n)
-    for c in range(k + 1):
-        if _log2_binom_tail_ge(k, g, c + 1) <= target:
-            return c
-    return k
+    ok = np.flatnonzero(_log2_tails(k, g)[1:] <= target)
+    return int(ok[0]) if ok.size else k
 
 
 def choose_parameters(
@@ -136,7 +148,7 @@ def choose_parameters(
         if t > m:
             continue
         # Fails when more than m - t of the k neighbours drop (the site itself is alive).
-        fail = log2_n + _log2_binom_tail_ge(k, dropout_rate, m - t + 1)
+        fail = log2_n + float(_log2_tails(k, dropout_rate)[m - t + 1])
         if fail <= -failure_bits:
             return ParameterChoice(k, t, c, disconnect, fail)
     return complete()

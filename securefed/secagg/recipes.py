@@ -117,7 +117,10 @@ def _as_matrix(vectors: Sequence[np.ndarray] | np.ndarray) -> tuple[list[np.ndar
 def _check_weights(weights: Sequence[float] | None, n: int, max_weight: float) -> list[float]:
     if weights is None:
         return [1.0] * n
-    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    try:
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ConfigError(f"weights must be a flat sequence of numbers, one per site (got {weights!r:.80})") from None
     problems = []
     if w.size != n:
         problems.append(f"{w.size} weights for {n} vectors; give one weight per site")
@@ -137,11 +140,18 @@ def _check_dropouts(dropouts: Mapping[Stage | str, Iterable[int]] | None, n: int
     """Map each dropped site to the first stage it vanishes at."""
     if not dropouts:
         return {}
+    if not isinstance(dropouts, Mapping):
+        raise ConfigError(
+            f"dropouts must map a stage name to site indices, e.g. {{'masked_input': [2]}}; got {type(dropouts).__name__}"
+        )
     order = list(Stage)
     vanish: dict[int, Stage] = {}
     problems = []
     for key, sites in dropouts.items():
         stage = parse_stage(key)
+        if isinstance(sites, (str, bytes)) or not isinstance(sites, Iterable):
+            problems.append(f"dropouts[{stage.value!r}] must be a list of site indices, got {sites!r:.40}")
+            continue
         for site in sites:
             if isinstance(site, bool) or not isinstance(site, (int, np.integer)) or not 0 <= site < n:
                 problems.append(f"dropouts[{stage.value!r}] names site {site!r}; sites are 0..{n - 1}")

@@ -58,6 +58,11 @@ class AggregateResult:
 class SecAggServer:
     def __init__(self, config: RoundConfig, roster: Roster) -> None:
         problems = config.problems()
+        outside = [p for p in config.participants if p >= len(roster)]
+        if outside:
+            problems.append(f"participants {outside[:5]} are not in the roster of {len(roster)} sites")
+        if config.roster_digest != roster.digest():
+            problems.append("the round configuration names a different roster")
         if problems:
             raise ProtocolAbort("invalid round configuration: " + "; ".join(problems))
         self.config = config
@@ -93,6 +98,8 @@ class SecAggServer:
         raise ProtocolAbort(message, stage=self.stage.value if self.stage else None)
 
     def _public(self, site: int) -> PublicIdentity:
+        if not 0 <= site < len(self._identities):
+            raise UnexpectedMessageError(f"site {site} is not in the federation roster")
         return self._identities[site]
 
     def _viable(self, alive: set[int] | frozenset[int]) -> frozenset[int]:

@@ -31,6 +31,21 @@ def test_hkdf_rfc5869(case: dict) -> None:
     assert prk == case["prk"]
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    ikm=st.binary(min_size=1, max_size=64),
+    salt=st.binary(max_size=64),
+    info=st.binary(max_size=80),
+    length=st.integers(min_value=1, max_value=200),
+)
+def test_hkdf_agrees_with_cryptography(ikm: bytes, salt: bytes, info: bytes, length: int) -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    reference = HKDF(algorithm=hashes.SHA256(), length=length, salt=salt or None, info=info)
+    assert hkdf_sha256(ikm, salt=salt, info=info, length=length) == reference.derive(ikm)
+
+
 def test_hkdf_separates_domains_and_validates_length() -> None:
     a = hkdf_sha256(b"k", salt=b"s", info=b"mask")
     assert len(a) == 32

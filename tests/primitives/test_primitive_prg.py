@@ -154,3 +154,37 @@ def test_accumulator_validation_and_memory() -> None:
     big = MaskAccumulator(1 << 22, np.uint32)
     # The scratch buffer is bounded by the chunk size, not the vector length.
     assert big._scratch.nbytes <= prg._CHUNK_BYTES < big.values.nbytes
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+@pytest.mark.parametrize("length", [1, 7, 8, 16, 40, 41])
+def test_accumulator_whole_and_partial_chunks(
+    monkeypatch: pytest.MonkeyPatch, dtype: type, length: int
+) -> None:
+    # 64-byte chunks: 16 or 8 words, so the lengths cover whole chunks, a partial last chunk
+    # and a single partial chunk.
+    monkeypatch.setattr(prg, "_CHUNK_BYTES", 64)
+    prg._zeros.cache_clear()
+    try:
+        seeds = [bytes([i + 1]) * 32 for i in range(3)]
+        acc = MaskAccumulator(length, dtype)
+        acc.add(seeds[0])
+        acc.add(seeds[1])
+        acc.subtract(seeds[2])
+        bits = 8 * np.dtype(dtype).itemsize
+        size = np.dtype(dtype).itemsize
+        streams = [
+            _words_from_bytes(_ecb_keystream(seed, 0, length * size), str(np.dtype(dtype)))
+            for seed in seeds
+        ]
+        expected = [(a + b - c) % 2**bits for a, b, c in zip(*streams)]
+        assert acc.values.tolist() == expected
+        # An accumulator made before the chunk size shrank still folds whole masks.
+        monkeypatch.setattr(prg, "_CHUNK_BYTES", 16)
+        prg._zeros.cache_clear()
+        acc.subtract(seeds[0])
+        acc.subtract(seeds[1])
+        acc.add(seeds[2])
+        assert not acc.values.any()
+    finally:
+        prg._zeros.cache_clear()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from securefed.errors import ConfigError
 from securefed.primitives.quantize import FixedPointCodec
-from securefed.primitives.randomness import SeededRandom
+from securefed.primitives.randomness import SeededRandom, uniform_floats
 
 VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "quantize.json").read_text())
 
@@ -186,3 +186,80 @@ def _timed(function: object) -> float:
     start = time.perf_counter()
     function()  # type: ignore[operator]
     return time.perf_counter() - start
+
+
+def _encode_from_uniforms(codec: FixedPointCodec, values: np.ndarray, seed: int) -> np.ndarray:
+    """The rule encode follows, spelled out with whole-array float64 operations."""
+    x = np.asarray(values).astype(np.float64)
+    u = uniform_floats(SeededRandom(seed), x.size).reshape(x.shape)
+    v = np.clip(x, -codec.clip, codec.clip) * codec.scale
+    q = np.floor(v) + (u < v - np.floor(v))
+    return q.astype(np.int64).astype(codec.dtype)
+
+
+@pytest.mark.parametrize("block", [5, 4096, 1 << 16])
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "int32", "uint8"])
+@pytest.mark.parametrize("bit_width", [32, 64])
+def test_blocked_encode_matches_the_whole_array_rule(
+    monkeypatch: pytest.MonkeyPatch, block: int, dtype: str, bit_width: int
+) -> None:
+    from securefed.primitives import quantize
+
+    monkeypatch.setattr(quantize, "_BLOCK", block)
+    clip = 3.0
+    scale = FixedPointCodec.max_safe_scale(clip=clip, n_terms=1, bit_width=bit_width)
+    codec = FixedPointCodec(bit_width, scale=scale, clip=clip)
+    generator = np.random.default_rng(block)
+    raw = generator.normal(scale=2.0, size=(3, 4001))
+    raw[0, :20] = [0.0, -0.0, clip, -clip, 6e4, -6e4, 3.0000001, 2.9999999] + [0.5] * 12
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = raw.astype(dtype)
+    rng = SeededRandom(7)
+    encoded = codec.encode(values, rng)
+    assert encoded.dtype == codec.dtype and encoded.shape == values.shape
+    assert np.array_equal(encoded, _encode_from_uniforms(codec, values, 7))
+    # The stream moved on by exactly the words uniform_floats would have read.
+    after = SeededRandom(7)
+    uniform_floats(after, values.size)
+    assert rng.random_bytes(8) == after.random_bytes(8)
+    # A strided view and an explicit uniforms array follow the same rule.
+    strided = values[:, ::3]
+    expected = _encode_from_uniforms(codec, strided, 8)
+    assert np.array_equal(codec.encode(strided, SeededRandom(8)), expected)
+    uniforms = uniform_floats(SeededRandom(9), values.size).reshape(values.shape)
+    expected = codec.encode(values, SeededRandom(9))
+    assert np.array_equal(codec.encode_with_uniforms(values, uniforms), expected)
+
+
+class _OnlyBytes:
+    def __init__(self, seed: int) -> None:
+        self.inner = SeededRandom(seed)
+
+    def random_bytes(self, n: int) -> bytes:
+        return self.inner.random_bytes(n)
+
+
+def test_encode_with_another_random_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    from securefed.primitives import quantize
+
+    monkeypatch.setattr(quantize, "_BLOCK", 64)
+    codec = FixedPointCodec(scale=2.0**10, clip=1.0)
+    values = np.random.default_rng(1).uniform(-1.5, 1.5, size=1000)
+    expected = codec.encode(values, SeededRandom(3))
+    assert np.array_equal(codec.encode(values, _OnlyBytes(3)), expected)
+
+
+def test_non_finite_values_found_in_large_arrays() -> None:
+    codec = FixedPointCodec(scale=16.0, clip=1.0)
+    values = np.zeros(300_000, dtype=np.float32)
+    values[[123_456, 200_000]] = [np.inf, np.nan]
+    rng = SeededRandom(0)
+    message = r"2 NaN or infinite entries \(first at flat index 123456\)"
+    with pytest.raises(ConfigError, match=message):
+        codec.encode(values, rng)
+    # Nothing was drawn from the stream for the rejected input.
+    assert rng.random_bytes(8) == SeededRandom(0).random_bytes(8)
+    # Wider floats are checked after conversion: a value beyond float64's range is infinite.
+    wide = np.array([1.0, np.inf, np.longdouble("1e400")], dtype=np.longdouble)
+    with np.errstate(over="ignore"), pytest.raises(ConfigError, match="2 NaN or infinite"):
+        codec.encode(wide, rng)

@@ -146,3 +146,117 @@ def test_uniform_below_rejects_bad_bounds() -> None:
     for bad in (0, -1, 2**63 + 1):
         with pytest.raises(ConfigError):
             uniform_below(SeededRandom(0), bad, 3)
+
+
+@pytest.fixture
+def small_fill_chunk(monkeypatch: pytest.MonkeyPatch):
+    """Shrink the fill chunk so small requests span several update_into calls."""
+    from securefed.primitives import randomness
+
+    monkeypatch.setattr(randomness, "_FILL_CHUNK", 40)
+    randomness._zeros.cache_clear()
+    yield
+    randomness._zeros.cache_clear()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_word_fills_continue_the_random_bytes_stream(
+    request: pytest.FixtureRequest, chunked: bool
+) -> None:
+    if chunked:
+        request.getfixturevalue("small_fill_chunk")
+    from securefed.primitives.randomness import _consume_words
+
+    reference = SeededRandom("fill").random_bytes(20_000)
+    rng = SeededRandom("fill")
+    pieces = [rng.random_bytes(3)]
+    words = np.empty(101, dtype=np.uint64)
+    assert rng.fill_uniform_words(words) is words
+    pieces.append(words.astype("<u8").tobytes())
+    pieces.append(rng.random_bytes(77))
+    grid = np.empty((3, 5), dtype=np.uint64)
+    pieces.append(rng.fill_uniform_words(grid).astype("<u8").tobytes())
+    blocks: list[bytes] = []
+    _consume_words(rng, 250, 64, lambda w, start: blocks.append(w.astype("<u8").tobytes()))
+    assert [len(b) for b in blocks] == [512, 512, 512, 464]
+    pieces.extend(blocks)
+    pieces.append(rng.fill_uniform_words(np.empty(0, dtype=np.uint64)).tobytes())
+    pieces.append(rng.random_bytes(1000))
+    joined = b"".join(pieces)
+    assert joined == reference[: len(joined)]
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_samplers_read_words_as_random_bytes_would(
+    request: pytest.FixtureRequest, chunked: bool
+) -> None:
+    if chunked:
+        request.getfixturevalue("small_fill_chunk")
+    n = 1000
+    words = np.frombuffer(SeededRandom(9).random_bytes(8 * n), dtype="<u8")
+    expected = (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    rng = SeededRandom(9)
+    assert np.array_equal(uniform_floats(rng, n), expected)
+    assert rng.random_bytes(16) == SeededRandom(9).random_bytes(8 * n + 16)[-16:]
+    # uniform_below: the first draw covers n with surplus, each masked word is kept if < bound.
+    bound = 2**31 - 1
+    draws = int(n * ((2**31) / bound) * 1.02) + 32
+    masked = np.frombuffer(SeededRandom(4).random_bytes(8 * draws), dtype="<u8") & np.uint64(
+        2**31 - 1
+    )
+    assert np.array_equal(uniform_below(SeededRandom(4), bound, n), masked[masked < bound][:n])
+
+
+class _Recorded:
+    """A RandomSource of another kind: only random_bytes, and it counts the calls."""
+
+    def __init__(self, seed: int) -> None:
+        self.inner = SeededRandom(seed)
+        self.calls = 0
+
+    def random_bytes(self, n: int) -> bytes:
+        self.calls += 1
+        return self.inner.random_bytes(n)
+
+
+class _Reversed(SeededRandom):
+    """A subclass with its own random_bytes: the samplers must use it."""
+
+    __slots__ = ()
+
+    def random_bytes(self, n: int) -> bytes:
+        return super().random_bytes(n)[::-1]
+
+
+def test_samplers_fall_back_to_random_bytes() -> None:
+    other, seeded = _Recorded(5), SeededRandom(5)
+    assert np.array_equal(uniform_floats(other, 300), uniform_floats(seeded, 300))
+    assert np.array_equal(uniform_below(other, 7, 300), uniform_below(seeded, 7, 300))
+    assert other.calls >= 2
+    reversed_bytes = SeededRandom(5).random_bytes(8 * 300)[::-1]
+    expected = (np.frombuffer(reversed_bytes, dtype="<u8") >> np.uint64(11)) * 2.0**-53
+    assert np.array_equal(uniform_floats(_Reversed(5), 300), expected)
+
+
+def test_system_random_fills_words(small_fill_chunk: None) -> None:
+    words = SystemRandom().fill_uniform_words(np.zeros(1001, dtype=np.uint64))
+    assert np.count_nonzero(words) > 990 and np.unique(words).size > 990
+    values = uniform_floats(SystemRandom(), 5000)
+    assert values.min() >= 0.0 and values.max() < 1.0
+    assert int(uniform_below(SystemRandom(), 10, 5000).max()) < 10
+
+
+@pytest.mark.parametrize("source", [SeededRandom(0), SystemRandom()], ids=repr)
+def test_fill_uniform_words_rejects_unsuitable_arrays(source: RandomSource) -> None:
+    for bad in (
+        [0, 0],
+        np.zeros(4, dtype=np.uint32),
+        np.zeros(4, dtype=">u8" if np.little_endian else "<u8"),
+        np.zeros(8, dtype=np.uint64)[::2],
+    ):
+        with pytest.raises(ConfigError):
+            source.fill_uniform_words(bad)  # type: ignore[attr-defined]
+    frozen = np.zeros(4, dtype=np.uint64)
+    frozen.flags.writeable = False
+    with pytest.raises(ConfigError):
+        source.fill_uniform_words(frozen)  # type: ignore[attr-defined]

@@ -191,3 +191,139 @@ def test_sharing_validation() -> None:
     with pytest.raises(ConfigError):
         share_secrets([b""], threshold=1, share_ids=[1], rng=rng)
     assert share_size(32) == 64 and share_size(33) == 68
+
+
+def _reference_reconstruct(shares: dict[int, bytes], threshold: int, secret_size: int) -> bytes:
+    """Plain Lagrange interpolation at zero with Python ints, from the smallest ids."""
+    ids = sorted(shares)[:threshold]
+    words = {x: np.frombuffer(shares[x], dtype="<u4").tolist() for x in ids}
+    limbs = []
+    for column in range(len(words[ids[0]])):
+        total = 0
+        for j, xj in enumerate(ids):
+            numerator = denominator = 1
+            for xm in ids:
+                if xm != xj:
+                    numerator = numerator * -xm % PRIME
+                    denominator = denominator * (xj - xm) % PRIME
+            total += words[xj][column] * numerator * pow(denominator, PRIME - 2, PRIME)
+        limbs.append(total % PRIME)
+    return b"".join(limb.to_bytes(2, "little") for limb in limbs)[:secret_size]
+
+
+def _many_secrets(count: int, n_ids: int, threshold: int, seed: int) -> tuple[list, list]:
+    """Secrets each shared among its own random id set (some sets repeat)."""
+    rnd = random.Random(seed)
+    secrets, per_secret = [], []
+    repeated = rnd.sample(range(1, 5000), n_ids)
+    for i in range(count):
+        ids = repeated if i % 5 == 0 else rnd.sample(range(1, 5000), n_ids)
+        secret = rnd.randbytes(32)
+        shares = share_secrets([secret], threshold=threshold, share_ids=ids, rng=SeededRandom(i))
+        secrets.append(secret)
+        per_secret.append({x: shares[j][0] for j, x in enumerate(ids)})
+    return secrets, per_secret
+
+
+@pytest.mark.parametrize("batch_elements", [1, 700, 1 << 16])
+@pytest.mark.parametrize("scan_size", [1, 1 << 30])
+@pytest.mark.parametrize("pow_size", [0, 16])
+def test_batched_reconstruction_matches_reference(
+    monkeypatch: pytest.MonkeyPatch, batch_elements: int, scan_size: int, pow_size: int
+) -> None:
+    # Every batching and every code path of the weight computation must give the same result.
+    from securefed.primitives import _field, shamir
+
+    monkeypatch.setattr(shamir, "_BATCH_ELEMENTS", batch_elements)
+    monkeypatch.setattr(_field, "_SEQUENTIAL_SCAN_SIZE", scan_size)
+    monkeypatch.setattr(_field, "_PYTHON_POW_SIZE", pow_size)
+    secrets, per_secret = _many_secrets(40, 9, 4, seed=batch_elements + scan_size + pow_size)
+    # Drop some shares so the batch mixes secrets with different share counts.
+    for i in range(0, 40, 3):
+        for x in sorted(per_secret[i])[: i % 5]:
+            del per_secret[i][x]
+    assert reconstruct_secrets(per_secret, threshold=4) == secrets
+    for i in (0, 1, 7):
+        assert _reference_reconstruct(per_secret[i], 4, 32) == secrets[i]
+
+
+def test_every_corrupted_share_is_detected_in_a_batch() -> None:
+    # A wrong share among the interpolation base shifts the polynomial by a multiple of a
+    # Lagrange basis polynomial, which is non-zero at every other id: all extras disagree.
+    threshold, n_ids = 18, 35
+    secrets, per_secret = _many_secrets(12, n_ids, threshold, seed=3)
+    victim = 5
+    ids = sorted(per_secret[victim])
+    for position, x in enumerate(ids):
+        corrupted = [dict(shares) for shares in per_secret]
+        blob = bytearray(corrupted[victim][x])
+        blob[4 * (position % 16)] ^= 0x01
+        corrupted[victim][x] = bytes(blob)
+        with pytest.raises(ReconstructionError) as info:
+            reconstruct_secrets(corrupted, threshold=threshold)
+        extras = ids[threshold:]
+        disagreeing = [x] if position >= threshold else extras
+        assert str(info.value) == (
+            f"secret {victim}: the shares do not lie on one polynomial of degree "
+            f"{threshold - 1}: share ids {disagreeing} disagree with share ids "
+            f"{ids[:threshold]}; at least one share is corrupted or belongs to another secret"
+        )
+    assert reconstruct_secrets(per_secret, threshold=threshold) == secrets
+
+
+def test_inconsistent_secrets_are_reported_per_id_set_in_order() -> None:
+    secrets = [bytes([i]) * 32 for i in range(4)]
+    shares = share_secrets(secrets, threshold=2, share_ids=[1, 2, 3, 4], rng=SeededRandom(6))
+    per_secret = [{j + 1: shares[j][i] for j in range(4)} for i in range(4)]
+    del per_secret[0][4]  # secret 0 alone uses ids 1-3, so it is its own group
+    per_secret[3][3] = per_secret[1][3]
+    per_secret[2][4] = per_secret[1][4]
+    with pytest.raises(ReconstructionError) as info:
+        reconstruct_secrets(per_secret, threshold=2)
+    assert str(info.value).startswith("secret 2: ")
+    assert str(info.value).endswith("(1 more secrets are inconsistent)")
+    assert "share ids [4] disagree with share ids [1, 2]" in str(info.value)
+
+
+def test_decoding_errors_are_reported_in_input_order() -> None:
+    shares = share_secrets([bytes(32)] * 2, threshold=2, share_ids=[1, 2], rng=SeededRandom(2))
+    out_of_field = (PRIME).to_bytes(4, "little") + shares[1][0][4:]
+    first = {1: shares[0][0], 2: out_of_field}
+    second = {1: shares[0][1], 2: shares[1][1][:-1]}
+    # The first secret's out-of-field share comes first, though the second's is found first.
+    with pytest.raises(ReconstructionError, match="secret 0: share 2 holds a value outside"):
+        reconstruct_secrets([first, second], threshold=2)
+    with pytest.raises(ReconstructionError, match="secret 1: share 2 is malformed"):
+        reconstruct_secrets([{1: shares[0][0], 2: shares[1][0]}, second], threshold=2)
+    with pytest.raises(ReconstructionError, match="secret 1: share 2 holds a value outside"):
+        reconstruct_secrets([{1: shares[0][0], 2: shares[1][0]}, first], threshold=2)
+    # Ids given as numpy ints, shares as bytearray or memoryview go the same way as plain ones.
+    mixed = {np.int64(1): bytearray(shares[0][0]), 2: memoryview(shares[1][0])}
+    assert reconstruct_secrets([mixed], threshold=2) == [bytes(32)]
+
+
+def test_polynomial_evaluation_paths_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    from securefed.primitives import _field
+
+    rng = np.random.default_rng(11)
+    for degree in (0, 1, 5, 17, 70):
+        coefficients = rng.integers(0, PRIME, size=(degree + 1, 7), dtype=np.uint64)
+        ids = [int(x) for x in rng.choice(np.arange(1, 10**6), size=9, replace=False)]
+        fast = evaluate_polynomials(coefficients, ids)
+        monkeypatch.setattr(_field, "_MATMUL_TERMS", 0)
+        horner = evaluate_polynomials(coefficients, ids)
+        monkeypatch.undo()
+        assert np.array_equal(fast, horner)
+        assert fast[:, 0].tolist() == [_python_eval(coefficients[:, 0].tolist(), x) for x in ids]
+
+
+def test_polynomial_evaluation_at_the_overflow_bound() -> None:
+    from securefed.primitives import _field
+
+    # The most terms one uint64 matrix product sums, every coefficient at its maximum.
+    terms = _field._MATMUL_TERMS
+    coefficients = np.full((terms, 2), PRIME - 1, dtype=np.uint64)
+    got = evaluate_polynomials(coefficients, [1, PRIME - 1])
+    # At x = 1 the sum is terms * (p - 1); at x = -1 the terms alternate in sign.
+    assert got[0].tolist() == [terms * (PRIME - 1) % PRIME] * 2
+    assert got[1].tolist() == [(PRIME - 1) * (terms % 2) % PRIME] * 2
