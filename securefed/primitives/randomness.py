@@ -37,6 +37,7 @@ _MAX_BOUND = 2**63
 # Bytes per update_into call when filling word arrays: large enough that per-call overhead is
 # negligible, small enough that the shared zero input stays in cache.
 _FILL_CHUNK = 1 << 18
+_SMALL_REQUEST = 1 << 12
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 _WORD_SHIFT = np.uint64(11)
 
@@ -159,8 +160,9 @@ class SeededRandom:
     def random_bytes(self, n: int) -> bytes:
         """Return the next ``n`` bytes of the keystream."""
         n = _check_count(n, "n")
-        # Encrypting the shared zero buffer spares allocating (and faulting in) a fresh one.
-        zeros = _zeros()[:n] if n <= _FILL_CHUNK else bytes(n)
+        # Mid-sized requests encrypt the shared zero buffer instead of allocating (and faulting
+        # in) a fresh one; tiny ones are cheaper with a fresh small object.
+        zeros = _zeros()[:n] if _SMALL_REQUEST < n <= _FILL_CHUNK else bytes(n)
         with self._lock:
             return self._encryptor.update(zeros)
 

@@ -182,6 +182,7 @@ def test_word_fills_continue_the_random_bytes_stream(
     pieces.extend(blocks)
     pieces.append(rng.fill_uniform_words(np.empty(0, dtype=np.uint64)).tobytes())
     pieces.append(rng.random_bytes(1000))
+    pieces.append(rng.random_bytes(5000))
     joined = b"".join(pieces)
     assert joined == reference[: len(joined)]
 
