@@ -14,7 +14,7 @@ and scaled linearly to the full count.
 ratio = round time / floor time (target <= 2.0). Each case runs twice: ``workers=1`` (one
 thread, directly comparable to the single-threaded floor) and the default ``workers`` (a thread
 pool; still divided by the single-threaded floor, so threads can push the ratio down).
-Each round runs once (``rounds=1``): the largest case takes about a minute per run.
+Each round runs once (``rounds=1``): the largest case takes 10-20 seconds per run.
 """
 
 from __future__ import annotations

@@ -28,8 +28,14 @@ class NeighbourGraph:
         self._neighbours: dict[int, frozenset[int]] = {}
         self._neighbourhoods: dict[int, frozenset[int]] = {}
         if not self.complete:
-            self._ring = [self.participants[i] for i in _permutation(n, seed)]
-            self._position = {site: pos for pos, site in enumerate(self._ring)}
+            order = _permutation(n, seed)
+            self._ring = [self.participants[i] for i in order.tolist()]
+            # Ring position of the participant at index i, found by binary search on the ids.
+            self._position = np.empty(n, dtype=np.int64)
+            self._position[order] = np.arange(n)
+            ids = np.asarray(self.participants, dtype=np.int64)
+            self._by_id = np.argsort(ids, kind="stable")
+            self._sorted = ids[self._by_id]
 
     def neighbours(self, site: int) -> frozenset[int]:
         """The sites ``site`` exchanges shares and pairwise masks with (not itself)."""
@@ -40,7 +46,9 @@ class NeighbourGraph:
             if self.complete:
                 found = self._everyone - {site}
             else:
-                n, pos = len(self._ring), self._position[site]
+                n = len(self._ring)
+                index = int(self._by_id[int(np.searchsorted(self._sorted, site))])
+                pos = int(self._position[index])
                 found = frozenset(
                     self._ring[(pos + d) % n] for d in range(-self._half, self._half + 1) if d
                 )

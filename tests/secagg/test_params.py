@@ -397,3 +397,13 @@ def test_graph_is_roughly_uniform_over_pairs() -> None:
     expected = trials * k / (n - 1)
     assert len(counts) == n * (n - 1) // 2
     assert all(abs(c - expected) < 6 * math.sqrt(expected) for c in counts.values()), counts
+
+
+def test_sparse_graph_over_arbitrary_participant_ids_is_symmetric_and_regular() -> None:
+    ids = [9, 3, 7, 1, 5, 11, 2, 8, 40, 17]
+    graph = NeighbourGraph(ids, 4, b"\x07" * 32)
+    for site in ids:
+        near = graph.neighbours(site)
+        assert len(near) == 4 and site not in near and near <= set(ids)
+        assert all(site in graph.neighbours(peer) for peer in near)
+        assert graph.neighbourhood(site) == near | {site}
