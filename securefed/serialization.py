@@ -9,6 +9,7 @@ is a :class:`~securefed.errors.MalformedMessageError` that says what was wrong.
 from __future__ import annotations
 
 import struct
+import sys
 
 import numpy as np
 
@@ -32,32 +33,37 @@ class Writer:
 
     def __init__(self) -> None:
         self._parts: list[bytes | memoryview] = []
+        self._size = 0
+
+    def _put(self, part: bytes | memoryview) -> None:
+        self._parts.append(part)
+        self._size += len(part) if isinstance(part, bytes) else part.nbytes
 
     def u8(self, value: int) -> Writer:
-        self._parts.append(struct.pack("<B", value))
+        self._put(struct.pack("<B", value))
         return self
 
     def u32(self, value: int) -> Writer:
-        self._parts.append(struct.pack("<I", value))
+        self._put(struct.pack("<I", value))
         return self
 
     def u64(self, value: int) -> Writer:
-        self._parts.append(struct.pack("<Q", value))
+        self._put(struct.pack("<Q", value))
         return self
 
     def f64(self, value: float) -> Writer:
-        self._parts.append(struct.pack("<d", value))
+        self._put(struct.pack("<d", value))
         return self
 
     def fixed(self, data: bytes, size: int) -> Writer:
         if len(data) != size:
             raise ValueError(f"field must be {size} bytes, got {len(data)}")
-        self._parts.append(bytes(data))
+        self._put(bytes(data))
         return self
 
     def blob(self, data: bytes) -> Writer:
         self.u32(len(data))
-        self._parts.append(bytes(data))
+        self._put(bytes(data))
         return self
 
     def text(self, value: str) -> Writer:
@@ -65,7 +71,7 @@ class Writer:
 
     def u32_list(self, values: tuple[int, ...] | list[int]) -> Writer:
         self.u32(len(values))
-        self._parts.append(np.asarray(values, dtype="<u4").tobytes())
+        self._put(np.asarray(values, dtype="<u4").tobytes())
         return self
 
     def array(self, values: np.ndarray) -> Writer:
@@ -75,8 +81,11 @@ class Writer:
             raise ValueError(f"cannot encode arrays of dtype {values.dtype}")
         self.u8(code)
         self.u64(values.size)
+        # Zero padding so the elements start 8-byte aligned in the message: a reader can then
+        # use them in place instead of copying a multi-megabyte upload.
+        self._put(bytes(-self._size % 8))
         flat = np.ascontiguousarray(values.reshape(-1), dtype=_DTYPE_CODES[code])
-        self._parts.append(memoryview(flat).cast("B"))
+        self._put(memoryview(flat).cast("B"))
         return self
 
     def getvalue(self) -> bytes:
@@ -92,6 +101,7 @@ class Reader:
         self._data = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
         self._pos = 0
         self._what = what
+        self._immutable = isinstance(data, bytes)
 
     def _take(self, size: int, field: str) -> memoryview:
         end = self._pos + size
@@ -165,12 +175,17 @@ class Reader:
             raise MalformedMessageError(
                 f"{self._what}: {field} has {n} elements, more than the limit of {max_elements}"
             )
+        if any(self._take(-self._pos % 8, f"padding of {field}")):
+            raise MalformedMessageError(f"{self._what}: {field} has non-zero padding")
         if n * dtype.itemsize > self.remaining():
             raise MalformedMessageError(
                 f"{self._what}: {field} claims {n} elements but only {self.remaining()} bytes remain"
             )
         raw = self._take(n * dtype.itemsize, field)
-        # Copy so the array owns aligned, writable memory independent of the message buffer.
+        if self._immutable and sys.byteorder == "little":
+            # A read-only view of the (immutable) message bytes: no copy of the payload.
+            return np.frombuffer(raw, dtype=dtype)
+        # Otherwise copy, so the array owns native-order memory independent of the buffer.
         return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=True)
 
     def finish(self) -> None:
