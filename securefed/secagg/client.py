@@ -316,7 +316,7 @@ class SecAggClient:
             )
         self._masked_with = frozenset(self._held) - {self.site_id}
         accumulator = MaskAccumulator(config.vector_length + 1, dtype=config.value_codec().dtype)
-        accumulator.add_array(encode_input(config, np.asarray(self._vector, dtype=np.float64), self._weight, self._rng))
+        accumulator.add_array(encode_input(config, np.asarray(self._vector), self._weight, self._rng))
         accumulator.add(self._self_mask_seed)
         for peer in sorted(self._masked_with):
             secret = self._s_keys.agree(self._peers[peer].masking_key)

@@ -96,7 +96,8 @@ def _as_matrix(vectors: Sequence[np.ndarray] | np.ndarray) -> tuple[list[np.ndar
         if a.ndim != 1:
             problems.append(f"vector {i} has shape {a.shape}; each site's input must be 1-D (flatten it)")
             continue
-        a = a.astype(np.float64, copy=False)
+        if a.dtype.kind != "f":  # float32 updates are encoded as they are, without a copy
+            a = a.astype(np.float64)
         bad = ~np.isfinite(a)
         if bad.any():
             problems.append(
