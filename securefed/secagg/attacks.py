@@ -224,6 +224,61 @@ class _ReplayEarlierRound(_CoordinatorBase):
         return out
 
 
+class _IsolateInSparseGraph(_CoordinatorBase):
+    """Lets the target mask only against t-1 neighbours, then declares those neighbours dropped
+    to everyone else, to collect their key shares while the target's self mask is revealed."""
+
+    def _close_share_keys(self):  # type: ignore[no-untyped-def]
+        out = super()._close_share_keys()
+        u, t = self.target, self.config.threshold
+        if u not in out:
+            return out
+        near = sorted(self.graph.neighbours(u) & self._delivered[u])
+        # Keep the two ends of the target's ring window (so every other holder's neighbourhood
+        # misses one of them) and fill up to t - 1 members.
+        ring = getattr(self.graph, "_ring", None)
+        ends = []
+        if ring is not None:
+            pos, half = ring.index(u), self.graph.degree() // 2
+            ends = [ring[(pos - half) % len(ring)], ring[(pos + half) % len(ring)]]
+        chosen = [p for p in ends if p in near]
+        chosen += [p for p in near if p not in chosen][: max(0, t - 1 - len(chosen))]
+        self.isolated_with = frozenset(chosen[: t - 1])
+        out[u] = dataclasses.replace(out[u], items=tuple(i for i in out[u].items if i.sender in self.isolated_with))
+        self._delivered = {**self._delivered, u: self.isolated_with}
+        self.knowledge.masked_with.update(self._delivered)
+        return out
+
+    def _close_masked_input(self):  # type: ignore[no-untyped-def]
+        out = super()._close_masked_input()
+        u, group = self.target, self.isolated_with | {self.target}
+        everyone = set(self.u3)
+        hidden = set(self.graph.neighbourhood(u)) - group
+        self._lists = {
+            s: tuple(sorted(everyone - hidden if s in group else everyone - self.isolated_with)) for s in out
+        }
+        return {s: dataclasses.replace(m, survivors=self._lists[s]) for s, m in out.items()}
+
+    def _receive_consistency_check(self, message):  # type: ignore[no-untyped-def]
+        self._signatures[message.sender] = message.signature  # accepted unchecked, to be relayed
+
+    def _close_consistency_check(self):  # type: ignore[no-untyped-def]
+        self._enter(Stage.UNMASK)
+        u = self.target
+        for site in sorted(self._signatures):
+            shown = self._lists[site]
+            held = (self._delivered.get(site, frozenset()) | {site}) & set(self.graph.neighbourhood(site))
+            same = [s for s in sorted(self._signatures) if self._lists.get(s) == shown]
+            self._requests[site] = UnmaskRequest(
+                round_id=self.config.round_id, config_digest=self.config.digest,
+                signatures=tuple((s, self._signatures[s]) for s in same),
+                self_mask_ids=tuple(sorted({u} & held & set(shown))),
+                key_ids=tuple(sorted(self.isolated_with & held - set(shown))),
+                attestations=tuple(a for o, a in self._attestations.items() if o == u and o != site),
+            )
+        return dict(self._requests)
+
+
 _ATTACKS: dict[str, tuple[type[_CoordinatorBase], str]] = {
     "request-both-shares": (_RequestBothShares, _RequestBothShares.__doc__ or ""),
     "substitute-public-key": (_SubstitutePublicKey, _SubstitutePublicKey.__doc__ or ""),
@@ -231,6 +286,7 @@ _ATTACKS: dict[str, tuple[type[_CoordinatorBase], str]] = {
     "lower-threshold": (_LowerThreshold, _LowerThreshold.__doc__ or ""),
     "replay-earlier-round": (_ReplayEarlierRound, _ReplayEarlierRound.__doc__ or ""),
     "claim-survivor-dropped": (_ClaimSurvivorDropped, _ClaimSurvivorDropped.__doc__ or ""),
+    "isolate-in-sparse-graph": (_IsolateInSparseGraph, _IsolateInSparseGraph.__doc__ or ""),
 }
 
 
@@ -337,7 +393,8 @@ def run(
         server.target = target
         clients = {
             i: SecAggClient(identity=identities[i], roster=roster, vector=arrays[i], rng=fork(f"site-{i}-{round_id}"),
-                            previous_round=previous, enforce_checks=enforce_checks)
+                            previous_round=previous, policy=config if enforce_checks else None,
+                            enforce_checks=enforce_checks)
             for i in range(n)
         }
         sim = _Simulation(server, clients, vanish={}, keep_messages=True, workers=1)

@@ -28,7 +28,8 @@ from securefed.primitives.keys import AgreementKeyPair, PublicIdentity, Roster, 
 from securefed.primitives.prg import MaskAccumulator
 from securefed.primitives.randomness import RandomSource
 from securefed.primitives.shamir import share_secrets
-from securefed.secagg.config import RoundConfig
+from securefed.secagg.certification import Certificates
+from securefed.secagg.config import RoundConfig, SecAggConfig
 from securefed.secagg.graph import NeighbourGraph
 from securefed.secagg.masking import (
     decode_share_plaintext,
@@ -43,6 +44,7 @@ from securefed.secagg.messages import (
     KeyAdvertisement,
     KeyDirectory,
     MaskedInput,
+    MaskingAttestation,
     RevealedShare,
     RoundSetup,
     ServerMessage,
@@ -51,6 +53,7 @@ from securefed.secagg.messages import (
     SurvivorList,
     UnmaskRequest,
     UnmaskShares,
+    masking_statement,
     survivors_statement,
 )
 from securefed.secagg.stages import Stage
@@ -92,6 +95,24 @@ def encode_input(config: RoundConfig, vector: np.ndarray, weight: float, rng: Ra
     return values
 
 
+def _weaker_than(config: RoundConfig, policy: SecAggConfig) -> list[str]:
+    """How ``config`` falls short of what ``policy`` gives for the same number of sites."""
+    problems = []
+    k, t = policy.resolve(config.n_sites)
+    if config.threshold < t:
+        problems.append(f"threshold {config.threshold} is below the agreed {t}")
+    complete = config.neighbourhood_size == config.n_sites
+    if k is None and not complete:
+        problems.append("the agreed graph is complete, this round's is sparse")
+    elif k is not None and not complete and (config.neighbors or 0) < k:
+        problems.append(f"{config.neighbors} neighbours is fewer than the agreed {k}")
+    if config.bit_width != policy.bit_width or config.clip != policy.clip:
+        problems.append("bit width or clip differs from the agreed settings")
+    if config.max_weight != policy.max_weight:
+        problems.append("max_weight differs from the agreed setting")
+    return problems
+
+
 class SecAggClient:
     """One site's side of one round. Create a new client for every round."""
 
@@ -104,8 +125,13 @@ class SecAggClient:
         weight: float = 1.0,
         rng: RandomSource,
         previous_round: int | None = None,
+        policy: SecAggConfig | None = None,
         enforce_checks: bool = True,
     ) -> None:
+        """``previous_round``: the last round id this site *started* (persist it across runs); any
+        round id not above it is refused, so signatures from an aborted run of the same round can
+        never be replayed. ``policy``: the settings the federation agreed; a round configuration
+        weaker than it (lower threshold, sparser graph, other bit width or clip) is refused."""
         if identity.name not in roster:
             raise ProtocolAbort(f"site {identity.name!r} is not in the federation roster")
         self.identity = identity
@@ -116,6 +142,7 @@ class SecAggClient:
         self._weight = float(weight)
         self._rng = rng
         self._previous_round = previous_round
+        self._policy = policy
         # Research only: a client that trusts the coordinator (as Flower's does), so the attack
         # harness can show what each check prevents. Never turn this off in a deployment.
         self._enforce = enforce_checks
@@ -202,13 +229,15 @@ class SecAggClient:
             problems.append("the round is for a different federation roster")
         if self.site_id not in config.participants:
             problems.append("this site is not a participant of the round")
+        if self._policy is not None and not problems:
+            problems.extend(_weaker_than(config, self._policy))
         outside = [p for p in config.participants if p >= len(self._identities)]
         if outside:
             problems.append(f"participants {outside[:5]} are not in the roster of {len(self._identities)} sites")
         if self._vector is not None and np.shape(self._vector) != (config.vector_length,):
             problems.append(f"input has shape {np.shape(self._vector)}, the round expects ({config.vector_length},)")
         if not 0.0 <= self._weight <= config.max_weight:
-            problems.append(f"weight {self._weight} is outside [0, max_weight={config.max_weight}]")
+            problems.append(f"this site's weight is outside [0, max_weight={config.max_weight}]")
         if problems:
             self._fail("refusing the round configuration: " + "; ".join(problems))
         self.config = config
@@ -326,7 +355,13 @@ class SecAggClient:
             else:
                 accumulator.subtract(seed)
         self._vector = None  # the plaintext input is no longer needed
-        return MaskedInput(round_id=config.round_id, config_digest=config.digest, sender=self.site_id, values=accumulator.values)
+        attestation = None
+        if not self.graph.complete:  # see certification.py, rule R2
+            masked_with = tuple(sorted(self._masked_with))
+            statement = masking_statement(config.digest, self.site_id, masked_with)
+            attestation = MaskingAttestation(self.site_id, masked_with, self.identity.sign(statement))
+        return MaskedInput(round_id=config.round_id, config_digest=config.digest, sender=self.site_id,
+                           values=accumulator.values, attestation=attestation)
 
     def _on_survivors(self, message: SurvivorList) -> ConsistencySignature:
         config = self.config
@@ -352,24 +387,18 @@ class SecAggClient:
     def _on_unmask(self, message: UnmaskRequest) -> UnmaskShares:
         config = self.config
         assert config is not None
-        neighbourhood = self.graph.neighbourhood(self.site_id)
-        valid = 0
+        relayed: dict[int, bytes] = {}
         for signer, signature in message.signatures:
-            if signer not in neighbourhood or signer not in self._survivors:
-                self._violation(f"a survivor signature comes from site {signer}, not a surviving neighbour")
-            if self._enforce:
-                try:
-                    self._public(signer).verify(self._survivor_statement, signature)
-                except InvalidSignatureError:
-                    self._fail(
-                        f"site {signer} signed a different survivor list (the coordinator showed "
-                        "different lists to different sites)"
-                    )
-            valid += 1
-            if valid >= config.threshold:
-                break  # enough agreement; the rest need not be checked
-        if valid < config.threshold:
-            self._violation(f"only {valid} neighbours confirmed the survivor list; threshold is {config.threshold}")
+            if signer in relayed:
+                self._violation(f"site {signer}'s survivor signature was relayed twice")
+            if signer not in self._survivors:
+                self._violation(f"a survivor signature comes from site {signer}, which is not a survivor")
+            relayed[signer] = signature
+        certificates = Certificates(
+            graph=self.graph, threshold=config.threshold, signatures=relayed, verify=self._check_survivor_signature
+        )
+        if self._enforce and not certificates.certified(self.site_id):
+            self._fail(f"fewer than {config.threshold} of this site's neighbourhood confirmed the survivor list")
         self_ids, key_ids = set(message.self_mask_ids), set(message.key_ids)
         both = self_ids & key_ids
         if both:
@@ -382,6 +411,8 @@ class SecAggClient:
         if unheld:
             self._violation(f"shares requested for sites {sorted(unheld)} whose shares this site does not hold")
             self_ids, key_ids = self_ids - unheld, key_ids - unheld
+        if self._enforce:
+            self._check_certificates(certificates, self_ids, key_ids, message)
         mask_shares = tuple(RevealedShare(o, self._held[o][1]) for o in sorted(self_ids))
         key_shares = tuple(RevealedShare(o, self._held[o][0]) for o in sorted(key_ids))
         self.state = ClientState.DONE
@@ -390,6 +421,38 @@ class SecAggClient:
             round_id=config.round_id, config_digest=config.digest, sender=self.site_id,
             self_mask_shares=mask_shares, key_shares=key_shares,
         )
+
+    def _check_survivor_signature(self, signer: int, signature: bytes) -> None:
+        try:
+            self._public(signer).verify(self._survivor_statement, signature)
+        except InvalidSignatureError:
+            self._fail(
+                f"site {signer} signed a different survivor list (the coordinator showed "
+                "different lists to different sites)"
+            )
+
+    def _check_certificates(
+        self, certificates: Certificates, self_ids: set[int], key_ids: set[int], message: UnmaskRequest
+    ) -> None:
+        """Rules R1 and R2 of :mod:`securefed.secagg.certification`."""
+        assert self.config is not None
+        attested = {a.owner: a for a in message.attestations}
+        for owner in sorted(self_ids - {self.site_id}):
+            if not self.graph.complete:
+                attestation = attested.get(owner)
+                if attestation is None:
+                    self._fail(f"no masking attestation from site {owner}; its self-mask share stays secret")
+                try:
+                    self._public(owner).verify(attestation.statement(self.config.digest), attestation.signature)
+                except InvalidSignatureError:
+                    self._fail(f"the masking attestation of site {owner} is not signed by it")
+                if self.site_id not in attestation.masked_with:
+                    self._fail(f"site {owner} did not mask against this site; its self-mask share stays secret")
+            if not certificates.certified(owner):
+                self._fail(f"the survivor list is not confirmed in site {owner}'s neighbourhood")
+        for owner in sorted(key_ids):
+            if not certificates.certified(owner):
+                self._fail(f"the survivor list is not confirmed in dropped site {owner}'s neighbourhood")
 
     # state bookkeeping: every successful handler advances one state
     _NEXT = {

@@ -27,6 +27,8 @@ __all__ = [
     "ShareBundle",
     "ShareDelivery",
     "MaskedInput",
+    "MaskingAttestation",
+    "masking_statement",
     "SurvivorList",
     "ConsistencySignature",
     "UnmaskRequest",
@@ -56,6 +58,12 @@ def survivors_statement(digest: bytes, survivors: tuple[int, ...]) -> bytes:
     """What a client signs in the consistency check: the exact survivor set it was shown."""
     listed = np.asarray(survivors, dtype="<u4").tobytes()
     return b"securefed/secagg/v1/survivors" + digest + hashlib.sha256(listed).digest()
+
+
+def masking_statement(digest: bytes, sender: int, masked_with: tuple[int, ...]) -> bytes:
+    """What a client signs with its masked input: the peers it applied pairwise masks with."""
+    listed = np.asarray(masked_with, dtype="<u4").tobytes()
+    return b"securefed/secagg/v1/masked-with" + digest + sender.to_bytes(4, "little") + hashlib.sha256(listed).digest()
 
 
 def _header(kind: int, round_id: int, digest: bytes) -> Writer:
@@ -218,6 +226,29 @@ class ShareDelivery(_Base):
         return cls(round_id=round_id, config_digest=digest, items=items)
 
 
+@dataclass(frozen=True)
+class MaskingAttestation:
+    """A client's signed statement of the peers it masked against (see certification.py)."""
+
+    owner: int
+    masked_with: tuple[int, ...]
+    signature: bytes
+
+    def statement(self, digest: bytes) -> bytes:
+        return masking_statement(digest, self.owner, self.masked_with)
+
+
+def _write_attestation(w: Writer, a: MaskingAttestation) -> Writer:
+    return w.u32(a.owner).u32_list(list(a.masked_with)).fixed(a.signature, _SIG)
+
+
+def _read_attestation(r: Reader) -> MaskingAttestation:
+    owner = r.u32("attestation owner")
+    masked_with = r.u32_list("masked-with list", max_count=MAX_SITES)
+    _ids_in_range(masked_with, "masked-with list")
+    return MaskingAttestation(owner, masked_with, r.fixed(_SIG, "attestation signature"))
+
+
 @dataclass(frozen=True, eq=False)
 class MaskedInput(_Base):
     """A client's masked, fixed-point input (with its masked weight in the last slot)."""
@@ -226,9 +257,13 @@ class MaskedInput(_Base):
     STAGE: ClassVar[Stage] = Stage.MASKED_INPUT
     sender: int
     values: np.ndarray
+    attestation: MaskingAttestation | None = None
 
     def encode(self) -> bytes:
-        return _header(self.KIND, self.round_id, self.config_digest).u32(self.sender).array(self.values).getvalue()
+        w = _header(self.KIND, self.round_id, self.config_digest).u32(self.sender).array(self.values)
+        if self.attestation is None:  # complete graph: the attestation is not needed
+            return w.u8(0).getvalue()
+        return _write_attestation(w.u8(1), self.attestation).getvalue()
 
     @classmethod
     def _decode(cls, r: Reader, round_id: int, digest: bytes) -> MaskedInput:
@@ -236,7 +271,13 @@ class MaskedInput(_Base):
         values = r.array("masked values", max_elements=MAX_VECTOR_LENGTH + 1)
         if values.dtype not in (np.dtype(np.uint32), np.dtype(np.uint64)):
             raise MalformedMessageError(f"masked input: values must be uint32 or uint64, got {values.dtype}")
-        return cls(round_id=round_id, config_digest=digest, sender=sender, values=values)
+        flag = r.u8("attestation flag")
+        if flag not in (0, 1):
+            raise MalformedMessageError(f"masked input: attestation flag must be 0 or 1, got {flag}")
+        attestation = _read_attestation(r) if flag else None
+        if attestation is not None and attestation.owner != sender:
+            raise MalformedMessageError("masked input: the attestation names another site")
+        return cls(round_id=round_id, config_digest=digest, sender=sender, values=values, attestation=attestation)
 
 
 @dataclass(frozen=True)
@@ -276,19 +317,24 @@ class ConsistencySignature(_Base):
 
 @dataclass(frozen=True)
 class UnmaskRequest(_Base):
-    """The coordinator relays the neighbours' survivor signatures and asks for specific shares."""
+    """The coordinator relays survivor signatures (and, in a sparse graph, the masking
+    attestations of the survivors whose self-mask shares it asks for) and names the shares."""
 
     KIND: ClassVar[int] = 9
     STAGE: ClassVar[Stage] = Stage.UNMASK
     signatures: tuple[tuple[int, bytes], ...]
     self_mask_ids: tuple[int, ...]
     key_ids: tuple[int, ...]
+    attestations: tuple[MaskingAttestation, ...] = ()
 
     def encode(self) -> bytes:
         w = _header(self.KIND, self.round_id, self.config_digest).u32(len(self.signatures))
         for signer, sig in self.signatures:
             w.u32(signer).fixed(sig, _SIG)
-        return w.u32_list(list(self.self_mask_ids)).u32_list(list(self.key_ids)).getvalue()
+        w.u32_list(list(self.self_mask_ids)).u32_list(list(self.key_ids)).u32(len(self.attestations))
+        for attestation in self.attestations:
+            _write_attestation(w, attestation)
+        return w.getvalue()
 
     @classmethod
     def _decode(cls, r: Reader, round_id: int, digest: bytes) -> UnmaskRequest:
@@ -299,7 +345,11 @@ class UnmaskRequest(_Base):
         key_ids = r.u32_list("key ids", max_count=MAX_SITES)
         _ids_in_range(self_ids, "unmask request self-mask ids")
         _ids_in_range(key_ids, "unmask request key ids")
-        return cls(round_id=round_id, config_digest=digest, signatures=sigs, self_mask_ids=self_ids, key_ids=key_ids)
+        m = r.count("attestations", item_size=8 + _SIG, max_count=MAX_SITES)
+        attestations = tuple(_read_attestation(r) for _ in range(m))
+        _ids_in_range(tuple(a.owner for a in attestations), "unmask request attestations")
+        return cls(round_id=round_id, config_digest=digest, signatures=sigs, self_mask_ids=self_ids,
+                   key_ids=key_ids, attestations=attestations)
 
 
 @dataclass(frozen=True)

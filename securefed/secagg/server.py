@@ -23,6 +23,7 @@ from securefed.errors import (
 from securefed.primitives.keys import AgreementKeyPair, PublicIdentity, Roster, agree
 from securefed.primitives.prg import MaskAccumulator
 from securefed.primitives.shamir import reconstruct_secrets
+from securefed.secagg.certification import certified_count
 from securefed.secagg.config import RoundConfig
 from securefed.secagg.graph import NeighbourGraph
 from securefed.secagg.masking import pairwise_seed
@@ -32,6 +33,7 @@ from securefed.secagg.messages import (
     KeyAdvertisement,
     KeyDirectory,
     MaskedInput,
+    MaskingAttestation,
     RoundSetup,
     ShareBundle,
     ShareDelivery,
@@ -76,6 +78,7 @@ class SecAggServer:
         self._ads: dict[int, KeyAdvertisement] = {}
         self._bundles: dict[int, ShareBundle] = {}
         self._masked_senders: set[int] = set()
+        self._attestations: dict[int, MaskingAttestation] = {}
         self._sum = MaskAccumulator(config.vector_length + 1, dtype=config.value_codec().dtype)
         self._signatures: dict[int, bytes] = {}
         self._unmask: dict[int, UnmaskShares] = {}
@@ -219,6 +222,17 @@ class SecAggServer:
                 f"masked input of {values.dtype}{values.shape}, expected {expected_dtype}{self._sum.values.shape}"
             )
             return
+        attestation = message.attestation
+        if not self.graph.complete:
+            if attestation is None or attestation.masked_with != tuple(sorted(self._delivered.get(message.sender, ()))):
+                self.rejected[message.sender] = "masking attestation missing or not matching the shares delivered"
+                return
+            try:
+                self._public(message.sender).verify(attestation.statement(self.config.digest), attestation.signature)
+            except InvalidSignatureError:
+                self.rejected[message.sender] = "masking attestation not signed by the site"
+                return
+            self._attestations[message.sender] = attestation
         self._masked_senders.add(message.sender)
         self._sum.add_array(values)  # only the running sum is kept, never a site's vector
 
@@ -244,17 +258,35 @@ class SecAggServer:
     def _close_consistency_check(self) -> dict[int, object]:
         signed = frozenset(self._signatures)
         t = self.config.threshold
-        self.u4 = frozenset(s for s in signed if len(self.graph.neighbourhood(s) & signed) >= t)
+
+        def certified(owner: int) -> bool:  # see securefed.secagg.certification
+            return certified_count(self.graph, owner, signed) >= t
+
+        self.u4 = frozenset(s for s in signed if certified(s))
         self._require(self.u4, len(signed), "confirmed the survivor list")
         self._enter(Stage.UNMASK)
         for site in sorted(self.u4):
             held = self._delivered[site] | {site}
-            signers = sorted(self.graph.neighbourhood(site) & signed)
+            # Ask only for what the holder's rules let it reveal, so honest holders never abort.
+            self_ids = {
+                o for o in held & self.u3
+                if o == site or (
+                    (self.graph.complete or site in self._attestations[o].masked_with) and certified(o)
+                )
+            }
+            key_ids = {o for o in held - self.u3 if certified(o)}
+            relevant = set(self.graph.neighbourhood(site))
+            if not self.graph.complete:
+                for owner in self_ids | key_ids:
+                    relevant |= self.graph.neighbourhood(owner)
             self._requests[site] = UnmaskRequest(
                 **self._header(),
-                signatures=tuple((s, self._signatures[s]) for s in signers),
-                self_mask_ids=tuple(sorted(held & self.u3)),
-                key_ids=tuple(sorted(held - self.u3)),
+                signatures=tuple((s, self._signatures[s]) for s in sorted(relevant & signed)),
+                self_mask_ids=tuple(sorted(self_ids)),
+                key_ids=tuple(sorted(key_ids)),
+                attestations=() if self.graph.complete else tuple(
+                    self._attestations[o] for o in sorted(self_ids - {site})
+                ),
             )
         return dict(self._requests)
 

@@ -10,7 +10,7 @@ import pytest
 from secagg_helpers import ManualRound
 from securefed.errors import ConfigError, ProtocolAbort
 from securefed.secagg import ClientState, SecAggConfig, SecAggServer, attacks, secure_sum
-from securefed.secagg.messages import RoundSetup
+from securefed.secagg.messages import RoundSetup, UnmaskRequest
 from securefed.secagg.params import minimum_threshold
 
 CONFIGS = {
@@ -139,3 +139,56 @@ def test_secure_sum_refuses_threshold_below_minimum(neighbors, n: int, minimum: 
     result = secure_sum(vectors, SecAggConfig(neighbors=neighbors, threshold=minimum), seed=0, workers=1)
     assert result.config.threshold == minimum
     assert np.abs(result.total - vectors.sum(axis=0)).max() <= n / result.config.scale
+
+
+# --------------------------------------------------------------- defences added after review
+@pytest.mark.parametrize("n, k", [(12, 4), (20, 4), (40, 8)])
+def test_isolating_a_site_in_a_sparse_graph_needs_the_certificate_rules(n: int, k: int) -> None:
+    """The coordinator lets the target mask against only t-1 neighbours and declares them dropped
+    to everyone else. Trusting clients leak the target's input; real clients refuse."""
+    vectors = _vectors(n, 7)
+    naive = attacks.run("isolate-in-sparse-graph", vectors, SecAggConfig(neighbors=k), seed=5, enforce_checks=False)
+    assert naive.leaked and naive.leaked_sites == (0,)
+    real = attacks.run("isolate-in-sparse-graph", vectors, SecAggConfig(neighbors=k), seed=5)
+    assert real.refused and not real.leaked
+
+
+def test_a_rerun_of_the_same_round_id_is_refused() -> None:
+    """Signatures from an aborted run cannot be replayed into a re-run: a site that started round
+    r refuses any later setup for round r."""
+    rnd = ManualRound(n=5, seed="rerun")
+    setup = RoundSetup.for_config(rnd.round_config)
+    client = rnd.fresh_client(0, previous_round=rnd.round_config.round_id)  # it started round r before
+    with pytest.raises(ProtocolAbort, match="not newer"):
+        client.handle(setup)
+
+
+@pytest.mark.parametrize(
+    "change", [{"threshold": 6}, {"neighbors": 2, "threshold": 2}, {"bit_width": 64}]
+)
+def test_client_with_a_policy_refuses_a_weaker_round(change: dict) -> None:
+    rnd = ManualRound(n=10, seed="policy")
+    policy = SecAggConfig(neighbors=None, corrupt_fraction=0.2)  # complete graph, t = 7 for 10 sites
+    weaker = dataclasses.replace(rnd.round_config, **change)
+    client = rnd.fresh_client(0, policy=policy)
+    with pytest.raises(ProtocolAbort, match="agreed|differs"):
+        client.handle(RoundSetup.for_config(weaker))
+
+
+def test_a_signer_relayed_twice_counts_once() -> None:
+    rnd = ManualRound(n=6, seed="dup-signer")
+    rnd.run()
+    client = rnd.client_in_state(0, ClientState.CONFIRMED)
+    request = rnd.server_message(UnmaskRequest, 0)
+    first = request.signatures[0]
+    tampered = dataclasses.replace(request, signatures=(first,) * len(request.signatures))
+    with pytest.raises(ProtocolAbort, match="relayed twice"):
+        client.handle(tampered)
+
+
+def test_the_abort_reason_does_not_reveal_the_weight() -> None:
+    rnd = ManualRound(n=4, seed="weight")
+    client = rnd.fresh_client(0, weight=7.123456789)
+    with pytest.raises(ProtocolAbort) as excinfo:
+        client.handle(RoundSetup.for_config(rnd.round_config))
+    assert "7.12" not in str(excinfo.value)

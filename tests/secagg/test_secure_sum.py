@@ -16,7 +16,7 @@ from securefed.secagg.client import encode_input
 from securefed.secagg.graph import NeighbourGraph
 from securefed.secagg.messages import MaskedInput, decode_message
 
-HEADER_ALLOWANCE = 64  # bytes of framing a masked upload may add on top of its values
+HEADER_ALLOWANCE = 72  # bytes of framing a masked upload may add on top of its values (complete graph)
 
 
 def _vectors(n: int, length: int, seed: int, low: float = -1.0, high: float = 1.0) -> np.ndarray:
