@@ -3,7 +3,9 @@
 In the consistency check every surviving site signs the survivor list L it was shown. A list is
 *certified in the neighbourhood of o* when ``threshold`` members of o's neighbourhood signed it.
 Honest sites sign one list per round and 2t > m, so at most one list is certified in any
-neighbourhood. Before revealing anything, a holder h requires, on its own list L:
+neighbourhood. "One list per round" holds because a site never takes part twice in the same
+round id (``SecAggClient(previous_round=...)``, which a deployment persists); otherwise a
+coordinator could re-run a round and relay signatures from the earlier run. Before revealing anything, a holder h requires, on its own list L:
 
 * R0 — L certified in h's own neighbourhood;
 * R1 — for a key share of a dropped site v: L certified in v's neighbourhood;
@@ -18,8 +20,14 @@ mask between u and h therefore stays on u's upload. Without R1/R2 a coordinator 
 different lists in different parts of a sparse graph: it gives a site only a few neighbours'
 shares, shows it and them a list where they survive, shows everyone else a list where those
 neighbours dropped, and collects the target's self-mask share from one group and the
-neighbours' key shares from the other. In the complete graph every neighbourhood is the whole
-cohort and R0 alone already makes the certified list unique.
+neighbours' key shares from the other.
+
+In the complete graph every neighbourhood is the whole cohort, so R0 makes the certified list
+unique, and attestations are not needed: a survivor u signs a list only if every survivor on it
+sent u its shares (so u masked against all of them) and at least t sites did. A certified list
+that drops all of u's mask partners M but keeps u must get t signatures from outside M, but
+u itself does not sign it (it names survivors that sent u nothing, or is shorter than t), which
+leaves at most n - |M| - 1 <= n - t < t signers.
 """
 
 from __future__ import annotations
@@ -46,12 +54,16 @@ class Certificates:
         threshold: int,
         signatures: Mapping[int, bytes],
         verify: Callable[[int, bytes], None],
+        holder: int | None = None,
     ) -> None:
         self._graph = graph
         self._threshold = threshold
         self._signatures = dict(signatures)
         self._verify = verify  # raises if the signature does not verify on the holder's list
         self._checked: set[int] = set()
+        signers = sorted(self._signatures)
+        distances = graph.ring_distances(holder, signers) if holder is not None else [0] * len(signers)
+        self._distance = dict(zip(signers, distances))
 
     def signed(self, site: int) -> bool:
         """Whether ``site`` signed the holder's list (verifying its signature if not done yet)."""
@@ -66,8 +78,12 @@ class Certificates:
     def certified(self, owner: int) -> bool:
         """Whether ``threshold`` members of ``owner``'s neighbourhood signed the holder's list."""
         members = self._graph.neighbourhood(owner)
-        # Already-verified signers first, so overlapping neighbourhoods verify each signer once.
-        ordered = sorted(members & self._signatures.keys(), key=lambda s: (s not in self._checked, s))
+        # Already-verified signers first, then those nearest the holder on the ring: they lie in
+        # most of the neighbourhoods the holder asks about, so few signatures cover them all.
+        ordered = sorted(
+            members & self._signatures.keys(),
+            key=lambda s: (s not in self._checked, self._distance[s], s),
+        )
         count = 0
         for signer in ordered:
             if self.signed(signer):

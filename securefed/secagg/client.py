@@ -124,13 +124,14 @@ class SecAggClient:
         vector: np.ndarray,
         weight: float = 1.0,
         rng: RandomSource,
-        previous_round: int | None = None,
+        previous_round: int | None,
         policy: SecAggConfig | None = None,
         enforce_checks: bool = True,
     ) -> None:
-        """``previous_round``: the last round id this site *started* (persist it across runs); any
-        round id not above it is refused, so signatures from an aborted run of the same round can
-        never be replayed. ``policy``: the settings the federation agreed; a round configuration
+        """``previous_round`` (required): the last round id this site *started*, or None if it never
+        started one. A deployment must persist it: any round id not above it is refused, so
+        nothing a site signed in an earlier or aborted run (of the same round, too) can be
+        replayed; the certificates of :mod:`securefed.secagg.certification` rely on it. ``policy``: the settings the federation agreed; a round configuration
         weaker than it (lower threshold, sparser graph, other bit width or clip) is refused."""
         if identity.name not in roster:
             raise ProtocolAbort(f"site {identity.name!r} is not in the federation roster")
@@ -395,7 +396,8 @@ class SecAggClient:
                 self._violation(f"a survivor signature comes from site {signer}, which is not a survivor")
             relayed[signer] = signature
         certificates = Certificates(
-            graph=self.graph, threshold=config.threshold, signatures=relayed, verify=self._check_survivor_signature
+            graph=self.graph, threshold=config.threshold, signatures=relayed,
+            verify=self._check_survivor_signature, holder=self.site_id,
         )
         if self._enforce and not certificates.certified(self.site_id):
             self._fail(f"fewer than {config.threshold} of this site's neighbourhood confirmed the survivor list")

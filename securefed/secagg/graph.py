@@ -47,8 +47,7 @@ class NeighbourGraph:
                 found = self._everyone - {site}
             else:
                 n = len(self._ring)
-                index = int(self._by_id[int(np.searchsorted(self._sorted, site))])
-                pos = int(self._position[index])
+                pos = self._ring_position(site)
                 found = frozenset(
                     self._ring[(pos + d) % n] for d in range(-self._half, self._half + 1) if d
                 )
@@ -65,6 +64,21 @@ class NeighbourGraph:
         if found is None:
             found = self._neighbourhoods[site] = self.neighbours(site) | {site}
         return found
+
+    def ring_distances(self, origin: int, sites: Sequence[int]) -> list[int]:
+        """Steps from ``origin`` to each of ``sites`` around the ring (all 0 in the complete graph)."""
+        if self.complete:
+            return [0] * len(sites)
+        n = len(self._ring)
+        positions = self._ring_positions(np.asarray([origin, *sites], dtype=np.int64))
+        d = np.abs(positions[1:] - positions[0]) % n
+        return np.minimum(d, n - d).tolist()
+
+    def _ring_positions(self, sites: np.ndarray) -> np.ndarray:
+        return self._position[self._by_id[np.searchsorted(self._sorted, sites)]]
+
+    def _ring_position(self, site: int) -> int:
+        return int(self._ring_positions(np.asarray([site], dtype=np.int64))[0])
 
     def degree(self) -> int:
         return len(self.participants) - 1 if self.complete else 2 * self._half

@@ -271,7 +271,8 @@ def secure_sum(
     server = SecAggServer(round_config, roster)
     clients = {
         i: SecAggClient(identity=identities[i], roster=roster, vector=arrays[i], weight=site_weights[i],
-                        rng=fork(f"site-{i}"), policy=config)
+                        rng=fork(f"site-{i}"), policy=config,
+                        previous_round=None)  # a fresh federation each call: nothing to replay
         for i in range(n)
     }
     sim = _Simulation(server, clients, vanish=vanish, keep_messages=keep_messages, workers=_default_workers(workers))

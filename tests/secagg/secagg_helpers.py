@@ -112,6 +112,7 @@ class ManualRound:
         return SeededRandom(self.seed).fork(f"client-{site}-{self.round_id}")
 
     def fresh_client(self, site: int, **kwargs) -> SecAggClient:
+        kwargs.setdefault("previous_round", None)
         return SecAggClient(
             identity=self.identities[site], roster=self.roster, vector=self.vectors[site],
             rng=self.client_rng(site), **kwargs,

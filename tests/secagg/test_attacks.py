@@ -192,3 +192,16 @@ def test_the_abort_reason_does_not_reveal_the_weight() -> None:
     with pytest.raises(ProtocolAbort) as excinfo:
         client.handle(RoundSetup.for_config(rnd.round_config))
     assert "7.12" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("n, neighbors", [(12, 4), (30, 4)])
+def test_rerunning_a_round_is_stopped_by_persisted_round_ids(n: int, neighbors: int) -> None:
+    """Every other check on, but sites that forget which round ids they started can be made to
+    sign two lists for one round; the coordinator then certifies both and isolates the target.
+    Persisting the round id (the default harness) stops it at setup."""
+    vectors = np.random.default_rng(7).uniform(-1, 1, size=(n, 5))
+    forgetful = attacks.run("rerun-same-round", vectors, SecAggConfig(neighbors=neighbors), seed=3, persist_rounds=False)
+    assert forgetful.leaked and not forgetful.refused
+    persisted = attacks.run("rerun-same-round", vectors, SecAggConfig(neighbors=neighbors), seed=3)
+    assert persisted.refused and not persisted.leaked
+    assert all("not newer" in reason for reason in persisted.refusals.values())

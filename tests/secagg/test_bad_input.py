@@ -272,7 +272,7 @@ def test_client_not_in_roster() -> None:
     identities, roster = federation(3, "outsider")
     stranger = SiteIdentity.generate("stranger", SeededRandom("s"))
     with pytest.raises(ProtocolAbort, match="not in the federation roster"):
-        SecAggClient(identity=stranger, roster=roster, vector=np.zeros(3), rng=SeededRandom("r"))
+        SecAggClient(identity=stranger, roster=roster, vector=np.zeros(3), rng=SeededRandom("r"), previous_round=None)
 
 
 # ------------------------------------------------------------------------------- replays
@@ -320,7 +320,7 @@ def test_round_of_wrong_vector_length_or_weight_is_refused(recorded: ManualRound
     with pytest.raises(ProtocolAbort, match="shape"):
         recorded.fresh_client(0).handle(RoundSetup.for_config(config))
     heavy = SecAggClient(identity=recorded.identities[0], roster=recorded.roster, vector=recorded.vectors[0],
-                         weight=1.5, rng=SeededRandom("heavy"))
+                         weight=1.5, rng=SeededRandom("heavy"), previous_round=None)
     with pytest.raises(ProtocolAbort, match="max_weight"):
         heavy.handle(recorded.to_clients[Stage.ADVERTISE_KEYS][0])
 

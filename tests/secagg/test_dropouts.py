@@ -282,7 +282,7 @@ def _build(vectors, config, schedule, seed):
     )
     server = SecAggServer(round_config, roster)
     clients = {
-        i: SecAggClient(identity=identities[i], roster=roster, vector=vectors[i], rng=SeededRandom(seed).fork(f"c{i}"))
+        i: SecAggClient(identity=identities[i], roster=roster, vector=vectors[i], rng=SeededRandom(seed).fork(f"c{i}"), previous_round=None)
         for i in range(n)
     }
     sim = _Simulation(server, clients, vanish=_vanish_stage(schedule), keep_messages=True, workers=1)
