@@ -236,7 +236,9 @@ class _IsolateInSparseGraph(_CoordinatorBase):
                 signatures=tuple((s, self._signatures[s]) for s in same),
                 self_mask_ids=tuple(sorted({u} & held & set(shown))),
                 key_ids=tuple(sorted(self.isolated_with & held - set(shown))),
-                attestations=tuple(a for o, a in self._attestations.items() if o == u and o != site),
+                attestations=tuple(
+                    (o, tags[site]) for o, tags in self._attestations.items() if o == u and o != site and site in tags
+                ),
             )
         return dict(self._requests)
 
@@ -308,6 +310,9 @@ class _RerunSameRound(_CoordinatorBase):
             self._requests[site] = UnmaskRequest(
                 round_id=self.config.round_id, config_digest=self.config.digest, signatures=tuple(relayed),
                 self_mask_ids=tuple(sorted(self_ids)), key_ids=tuple(sorted((self.isolated_with & held) - set(mine))),
-                attestations=tuple(self._attestations[o] for o in sorted(self_ids - {site}) if o in self._attestations),
+                attestations=tuple(
+                    (o, self._attestations[o][site]) for o in sorted(self_ids - {site})
+                    if site in self._attestations.get(o, {})
+                ),
             )
         return dict(self._requests)

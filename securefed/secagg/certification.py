@@ -10,8 +10,9 @@ coordinator could re-run a round and relay signatures from the earlier run. Befo
 * R0 — L certified in h's own neighbourhood;
 * R1 — for a key share of a dropped site v: L certified in v's neighbourhood;
 * R2 — for the self-mask share of a survivor u (u != h): L certified in u's neighbourhood, and,
-  in a sparse graph, u's signed attestation (sent with its masked input) that it masked
-  against h.
+  in a sparse graph, u's attestation (sent with its masked input) that it masked against h: a
+  MAC under a key only u and h derive from their X25519 agreement, which the coordinator cannot
+  forge.
 
 Why R2 protects u: u applied a pairwise mask with h (its attestation says so). h is certified in
 its own neighbourhood (R0), so no list without h is certified there and h's key is never

@@ -11,6 +11,7 @@ of order) and leaves the client aborted for good.
 from __future__ import annotations
 
 import enum
+import hmac
 from collections.abc import Mapping
 
 import numpy as np
@@ -32,6 +33,8 @@ from securefed.secagg.certification import Certificates
 from securefed.secagg.config import RoundConfig, SecAggConfig
 from securefed.secagg.graph import NeighbourGraph
 from securefed.secagg.masking import (
+    attestation_key,
+    attestation_tag,
     decode_share_plaintext,
     encode_share_plaintext,
     pairwise_seed,
@@ -53,7 +56,6 @@ from securefed.secagg.messages import (
     SurvivorList,
     UnmaskRequest,
     UnmaskShares,
-    masking_statement,
     survivors_statement,
 )
 from securefed.secagg.stages import Stage
@@ -288,7 +290,7 @@ class SecAggClient:
                 f"only {len(peers) + 1} of this site's neighbourhood advertised keys; threshold is {config.threshold}"
             )
         self._peers = peers
-        self._share_keys: dict[int, bytes] = {}
+        self._share_keys: dict[int, tuple[bytes, bytes]] = {}
         self._self_mask_seed = self._rng.random_bytes(32)
         holders = sorted([self.site_id, *peers])
         shares = share_secrets(
@@ -312,14 +314,24 @@ class SecAggClient:
         return ShareBundle(round_id=config.round_id, config_digest=config.digest, sender=self.site_id, items=tuple(items))
 
     def _share_key(self, peer: int) -> bytes:
-        # Cached: the same key encrypts our share to the peer and decrypts the peer's share to us.
-        key = self._share_keys.get(peer)
-        if key is None:
+        return self._pair_keys(peer)[0]
+
+    def _pair_keys(self, peer: int) -> tuple[bytes, bytes]:
+        """(share-encryption key, attestation MAC key) with ``peer``, from one X25519 agreement.
+
+        Cached: the same keys serve our share to the peer, the peer's share to us, and the
+        masking attestations in both directions."""
+        keys = self._share_keys.get(peer)
+        if keys is None:
             assert self.config is not None
             secret = self._c_keys.agree(self._peers[peer].encryption_key)
-            key = share_encryption_key(secret, digest=self.config.digest, a=self.site_id, b=peer)
-            self._share_keys[peer] = key
-        return key
+            digest = self.config.digest
+            keys = (
+                share_encryption_key(secret, digest=digest, a=self.site_id, b=peer),
+                attestation_key(secret, digest=digest, a=self.site_id, b=peer),
+            )
+            self._share_keys[peer] = keys
+        return keys
 
     def _on_delivery(self, message: ShareDelivery) -> MaskedInput:
         config = self.config
@@ -358,9 +370,11 @@ class SecAggClient:
         self._vector = None  # the plaintext input is no longer needed
         attestation = None
         if not self.graph.complete:  # see certification.py, rule R2
-            masked_with = tuple(sorted(self._masked_with))
-            statement = masking_statement(config.digest, self.site_id, masked_with)
-            attestation = MaskingAttestation(self.site_id, masked_with, self.identity.sign(statement))
+            tags = tuple(
+                (peer, attestation_tag(self._pair_keys(peer)[1], digest=config.digest, owner=self.site_id, peer=peer))
+                for peer in sorted(self._masked_with)
+            )
+            attestation = MaskingAttestation(self.site_id, tags)
         return MaskedInput(round_id=config.round_id, config_digest=config.digest, sender=self.site_id,
                            values=accumulator.values, attestation=attestation)
 
@@ -438,18 +452,15 @@ class SecAggClient:
     ) -> None:
         """Rules R1 and R2 of :mod:`securefed.secagg.certification`."""
         assert self.config is not None
-        attested = {a.owner: a for a in message.attestations}
+        attested = dict(message.attestations)
         for owner in sorted(self_ids - {self.site_id}):
             if not self.graph.complete:
-                attestation = attested.get(owner)
-                if attestation is None:
-                    self._fail(f"no masking attestation from site {owner}; its self-mask share stays secret")
-                try:
-                    self._public(owner).verify(attestation.statement(self.config.digest), attestation.signature)
-                except InvalidSignatureError:
-                    self._fail(f"the masking attestation of site {owner} is not signed by it")
-                if self.site_id not in attestation.masked_with:
-                    self._fail(f"site {owner} did not mask against this site; its self-mask share stays secret")
+                tag = attested.get(owner)
+                expected = attestation_tag(
+                    self._pair_keys(owner)[1], digest=self.config.digest, owner=owner, peer=self.site_id
+                ) if owner in self._peers else None
+                if tag is None or expected is None or not hmac.compare_digest(tag, expected):
+                    self._fail(f"site {owner} did not attest masking against this site; its self-mask share stays secret")
             if not certificates.certified(owner):
                 self._fail(f"the survivor list is not confirmed in site {owner}'s neighbourhood")
         for owner in sorted(key_ids):

@@ -6,6 +6,8 @@ seeds from one round are useless in any other.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 
 from securefed.errors import DecryptionError
@@ -13,6 +15,9 @@ from securefed.primitives.kdf import hkdf_sha256
 from securefed.primitives.shamir import share_size
 
 __all__ = [
+    "attestation_key",
+    "attestation_tag",
+    "ATTESTATION_TAG_BYTES",
     "pairwise_seed",
     "share_encryption_key",
     "share_associated_data",
@@ -22,6 +27,20 @@ __all__ = [
 ]
 
 SHARE_BYTES = share_size(32)
+ATTESTATION_TAG_BYTES = 16
+
+
+def attestation_key(shared_secret: bytes, *, digest: bytes, a: int, b: int) -> bytes:
+    """The MAC key of masking attestations between a and b: only those two sites can derive it."""
+    low, high = (a, b) if a < b else (b, a)
+    info = b"securefed/secagg/v1/masking-attestation" + struct.pack("<II", low, high)
+    return hkdf_sha256(shared_secret, salt=digest, info=info)
+
+
+def attestation_tag(key: bytes, *, digest: bytes, owner: int, peer: int) -> bytes:
+    """Owner's statement, readable only by peer, that owner applied a pairwise mask with peer."""
+    message = b"securefed/secagg/v1/masked-with" + digest + struct.pack("<II", owner, peer)
+    return hmac.digest(key, message, hashlib.sha256)[:ATTESTATION_TAG_BYTES]
 
 
 def pairwise_seed(shared_secret: bytes, *, digest: bytes, a: int, b: int) -> bytes:

@@ -28,7 +28,6 @@ __all__ = [
     "ShareDelivery",
     "MaskedInput",
     "MaskingAttestation",
-    "masking_statement",
     "SurvivorList",
     "ConsistencySignature",
     "UnmaskRequest",
@@ -47,6 +46,7 @@ _MAGIC = b"SFSA"
 _KEY = 32
 _SIG = 64
 _MAX_SHARE_BYTES = 4096
+_TAG = 16  # masking.ATTESTATION_TAG_BYTES
 
 
 def advertisement_statement(digest: bytes, sender: int, encryption_key: bytes, masking_key: bytes) -> bytes:
@@ -58,12 +58,6 @@ def survivors_statement(digest: bytes, survivors: tuple[int, ...]) -> bytes:
     """What a client signs in the consistency check: the exact survivor set it was shown."""
     listed = np.asarray(survivors, dtype="<u4").tobytes()
     return b"securefed/secagg/v1/survivors" + digest + hashlib.sha256(listed).digest()
-
-
-def masking_statement(digest: bytes, sender: int, masked_with: tuple[int, ...]) -> bytes:
-    """What a client signs with its masked input: the peers it applied pairwise masks with."""
-    listed = np.asarray(masked_with, dtype="<u4").tobytes()
-    return b"securefed/secagg/v1/masked-with" + digest + sender.to_bytes(4, "little") + hashlib.sha256(listed).digest()
 
 
 def _header(kind: int, round_id: int, digest: bytes) -> Writer:
@@ -228,25 +222,30 @@ class ShareDelivery(_Base):
 
 @dataclass(frozen=True)
 class MaskingAttestation:
-    """A client's signed statement of the peers it masked against (see certification.py)."""
+    """The peers a client masked against, each with a MAC tag under a key only that peer shares
+    with it, so each peer can check the claim about itself (see certification.py)."""
 
     owner: int
-    masked_with: tuple[int, ...]
-    signature: bytes
+    tags: tuple[tuple[int, bytes], ...]  # (peer, tag)
 
-    def statement(self, digest: bytes) -> bytes:
-        return masking_statement(digest, self.owner, self.masked_with)
+    @property
+    def masked_with(self) -> tuple[int, ...]:
+        return tuple(peer for peer, _ in self.tags)
 
 
 def _write_attestation(w: Writer, a: MaskingAttestation) -> Writer:
-    return w.u32(a.owner).u32_list(list(a.masked_with)).fixed(a.signature, _SIG)
+    w.u32(a.owner).u32(len(a.tags))
+    for peer, tag in a.tags:
+        w.u32(peer).fixed(tag, _TAG)
+    return w
 
 
 def _read_attestation(r: Reader) -> MaskingAttestation:
     owner = r.u32("attestation owner")
-    masked_with = r.u32_list("masked-with list", max_count=MAX_SITES)
-    _ids_in_range(masked_with, "masked-with list")
-    return MaskingAttestation(owner, masked_with, r.fixed(_SIG, "attestation signature"))
+    n = r.count("attestation tags", item_size=4 + _TAG, max_count=MAX_SITES)
+    tags = tuple((r.u32("peer"), r.fixed(_TAG, "tag")) for _ in range(n))
+    _ids_in_range(tuple(p for p, _ in tags), "masking attestation")
+    return MaskingAttestation(owner, tags)
 
 
 @dataclass(frozen=True, eq=False)
@@ -325,15 +324,15 @@ class UnmaskRequest(_Base):
     signatures: tuple[tuple[int, bytes], ...]
     self_mask_ids: tuple[int, ...]
     key_ids: tuple[int, ...]
-    attestations: tuple[MaskingAttestation, ...] = ()
+    attestations: tuple[tuple[int, bytes], ...] = ()  # (owner, the owner's tag for this holder)
 
     def encode(self) -> bytes:
         w = _header(self.KIND, self.round_id, self.config_digest).u32(len(self.signatures))
         for signer, sig in self.signatures:
             w.u32(signer).fixed(sig, _SIG)
         w.u32_list(list(self.self_mask_ids)).u32_list(list(self.key_ids)).u32(len(self.attestations))
-        for attestation in self.attestations:
-            _write_attestation(w, attestation)
+        for owner, tag in self.attestations:
+            w.u32(owner).fixed(tag, _TAG)
         return w.getvalue()
 
     @classmethod
@@ -345,9 +344,9 @@ class UnmaskRequest(_Base):
         key_ids = r.u32_list("key ids", max_count=MAX_SITES)
         _ids_in_range(self_ids, "unmask request self-mask ids")
         _ids_in_range(key_ids, "unmask request key ids")
-        m = r.count("attestations", item_size=8 + _SIG, max_count=MAX_SITES)
-        attestations = tuple(_read_attestation(r) for _ in range(m))
-        _ids_in_range(tuple(a.owner for a in attestations), "unmask request attestations")
+        m = r.count("attestations", item_size=4 + _TAG, max_count=MAX_SITES)
+        attestations = tuple((r.u32("attestation owner"), r.fixed(_TAG, "attestation tag")) for _ in range(m))
+        _ids_in_range(tuple(owner for owner, _ in attestations), "unmask request attestations")
         return cls(round_id=round_id, config_digest=digest, signatures=sigs, self_mask_ids=self_ids,
                    key_ids=key_ids, attestations=attestations)
 

@@ -33,7 +33,6 @@ from securefed.secagg.messages import (
     KeyAdvertisement,
     KeyDirectory,
     MaskedInput,
-    MaskingAttestation,
     RoundSetup,
     ShareBundle,
     ShareDelivery,
@@ -78,7 +77,7 @@ class SecAggServer:
         self._ads: dict[int, KeyAdvertisement] = {}
         self._bundles: dict[int, ShareBundle] = {}
         self._masked_senders: set[int] = set()
-        self._attestations: dict[int, MaskingAttestation] = {}
+        self._attestations: dict[int, dict[int, bytes]] = {}  # owner -> peer -> tag
         self._sum = MaskAccumulator(config.vector_length + 1, dtype=config.value_codec().dtype)
         self._signatures: dict[int, bytes] = {}
         self._unmask: dict[int, UnmaskShares] = {}
@@ -224,15 +223,12 @@ class SecAggServer:
             return
         attestation = message.attestation
         if not self.graph.complete:
+            # Only the peers can check the tags; the coordinator checks the peers are the ones
+            # whose shares it delivered, so it knows which masks to remove.
             if attestation is None or attestation.masked_with != tuple(sorted(self._delivered.get(message.sender, ()))):
                 self.rejected[message.sender] = "masking attestation missing or not matching the shares delivered"
                 return
-            try:
-                self._public(message.sender).verify(attestation.statement(self.config.digest), attestation.signature)
-            except InvalidSignatureError:
-                self.rejected[message.sender] = "masking attestation not signed by the site"
-                return
-            self._attestations[message.sender] = attestation
+            self._attestations[message.sender] = dict(attestation.tags)
         self._masked_senders.add(message.sender)
         self._sum.add_array(values)  # only the running sum is kept, never a site's vector
 
@@ -271,7 +267,7 @@ class SecAggServer:
             self_ids = {
                 o for o in held & self.u3
                 if o == site or (
-                    (self.graph.complete or site in self._attestations[o].masked_with) and certified(o)
+                    (self.graph.complete or site in self._attestations[o]) and certified(o)
                 )
             }
             key_ids = {o for o in held - self.u3 if certified(o)}
@@ -285,7 +281,7 @@ class SecAggServer:
                 self_mask_ids=tuple(sorted(self_ids)),
                 key_ids=tuple(sorted(key_ids)),
                 attestations=() if self.graph.complete else tuple(
-                    self._attestations[o] for o in sorted(self_ids - {site})
+                    (o, self._attestations[o][site]) for o in sorted(self_ids - {site})
                 ),
             )
         return dict(self._requests)
