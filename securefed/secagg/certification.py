@@ -56,12 +56,19 @@ class Certificates:
         signatures: Mapping[int, bytes],
         verify: Callable[[int, bytes], None],
         holder: int | None = None,
+        confirmations: Mapping[int, bytes] | None = None,
+        verify_confirmation: Callable[[int, bytes], None] | None = None,
     ) -> None:
         self._graph = graph
         self._threshold = threshold
-        self._signatures = dict(signatures)
+        # A neighbour's MAC confirmation stands in for its signature (same list, cheaper check).
+        self._confirmations = dict(confirmations or {}) if verify_confirmation else {}
+        self._signatures = {**dict(signatures), **self._confirmations}
         self._verify = verify  # raises if the signature does not verify on the holder's list
-        self._checked: set[int] = set()
+        self._verify_confirmation = verify_confirmation
+        self._checked: set[int] = set() if holder is None else {holder}  # the holder signed its own list
+        if holder is not None:
+            self._signatures.setdefault(holder, b"")
         signers = sorted(self._signatures)
         distances = graph.ring_distances(holder, signers) if holder is not None else [0] * len(signers)
         self._distance = dict(zip(signers, distances))
@@ -72,7 +79,10 @@ class Certificates:
         if signature is None:
             return False
         if site not in self._checked:
-            self._verify(site, signature)
+            if site in self._confirmations and self._verify_confirmation is not None:
+                self._verify_confirmation(site, signature)
+            else:
+                self._verify(site, signature)
             self._checked.add(site)
         return True
 

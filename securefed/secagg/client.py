@@ -30,11 +30,12 @@ from securefed.primitives.prg import MaskAccumulator
 from securefed.primitives.randomness import RandomSource
 from securefed.primitives.shamir import share_secrets
 from securefed.secagg.certification import Certificates
-from securefed.secagg.config import RoundConfig, SecAggConfig
+from securefed.secagg.config import RoundConfig, SecAggConfig, weaker_than
 from securefed.secagg.graph import NeighbourGraph
 from securefed.secagg.masking import (
     attestation_key,
     attestation_tag,
+    confirmation_tag,
     decode_share_plaintext,
     encode_share_plaintext,
     pairwise_seed,
@@ -95,24 +96,6 @@ def encode_input(config: RoundConfig, vector: np.ndarray, weight: float, rng: Ra
     values[:-1] = config.value_codec().encode(scaled, rng)
     values[-1:] = config.weight_codec().encode(np.array([weight], dtype=np.float64), rng)
     return values
-
-
-def _weaker_than(config: RoundConfig, policy: SecAggConfig) -> list[str]:
-    """How ``config`` falls short of what ``policy`` gives for the same number of sites."""
-    problems = []
-    k, t = policy.resolve(config.n_sites)
-    if config.threshold < t:
-        problems.append(f"threshold {config.threshold} is below the agreed {t}")
-    complete = config.neighbourhood_size == config.n_sites
-    if k is None and not complete:
-        problems.append("the agreed graph is complete, this round's is sparse")
-    elif k is not None and not complete and (config.neighbors or 0) < k:
-        problems.append(f"{config.neighbors} neighbours is fewer than the agreed {k}")
-    if config.bit_width != policy.bit_width or config.clip != policy.clip:
-        problems.append("bit width or clip differs from the agreed settings")
-    if config.max_weight != policy.max_weight:
-        problems.append("max_weight differs from the agreed setting")
-    return problems
 
 
 class SecAggClient:
@@ -233,7 +216,7 @@ class SecAggClient:
         if self.site_id not in config.participants:
             problems.append("this site is not a participant of the round")
         if self._policy is not None and not problems:
-            problems.extend(_weaker_than(config, self._policy))
+            problems.extend(weaker_than(config, self._policy))
         outside = [p for p in config.participants if p >= len(self._identities)]
         if outside:
             problems.append(f"participants {outside[:5]} are not in the roster of {len(self._identities)} sites")
@@ -397,7 +380,13 @@ class SecAggClient:
         self._survivors = frozenset(survivors)
         self._survivor_statement = survivors_statement(config.digest, survivors)
         signature = self.identity.sign(self._survivor_statement)
-        return ConsistencySignature(round_id=config.round_id, config_digest=config.digest, sender=self.site_id, signature=signature)
+        tags = tuple(
+            (peer, confirmation_tag(self._pair_keys(peer)[1], statement=self._survivor_statement,
+                                    signer=self.site_id, peer=peer))
+            for peer in sorted(near - {self.site_id})
+        )
+        return ConsistencySignature(round_id=config.round_id, config_digest=config.digest, sender=self.site_id,
+                                    signature=signature, tags=tags)
 
     def _on_unmask(self, message: UnmaskRequest) -> UnmaskShares:
         config = self.config
@@ -409,9 +398,17 @@ class SecAggClient:
             if signer not in self._survivors:
                 self._violation(f"a survivor signature comes from site {signer}, which is not a survivor")
             relayed[signer] = signature
+        confirmations: dict[int, bytes] = {}
+        for signer, tag in message.confirmations:
+            if signer in confirmations or signer in relayed:
+                self._violation(f"site {signer}'s survivor confirmation was relayed twice")
+            if signer not in self._survivors or signer not in self._peers:
+                self._violation(f"a survivor confirmation comes from site {signer}, not a surviving neighbour")
+            confirmations[signer] = tag
         certificates = Certificates(
             graph=self.graph, threshold=config.threshold, signatures=relayed,
             verify=self._check_survivor_signature, holder=self.site_id,
+            confirmations=confirmations, verify_confirmation=self._check_confirmation,
         )
         if self._enforce and not certificates.certified(self.site_id):
             self._fail(f"fewer than {config.threshold} of this site's neighbourhood confirmed the survivor list")
@@ -444,6 +441,16 @@ class SecAggClient:
         except InvalidSignatureError:
             self._fail(
                 f"site {signer} signed a different survivor list (the coordinator showed "
+                "different lists to different sites)"
+            )
+
+    def _check_confirmation(self, signer: int, tag: bytes) -> None:
+        expected = confirmation_tag(
+            self._pair_keys(signer)[1], statement=self._survivor_statement, signer=signer, peer=self.site_id
+        )
+        if not hmac.compare_digest(tag, expected):
+            self._fail(
+                f"site {signer} confirmed a different survivor list (the coordinator showed "
                 "different lists to different sites)"
             )
 

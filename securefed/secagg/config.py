@@ -25,7 +25,7 @@ from securefed.secagg.params import (
 )
 from securefed.serialization import Reader, Writer
 
-__all__ = ["SecAggConfig", "RoundConfig", "PROTOCOL_VERSION"]
+__all__ = ["SecAggConfig", "RoundConfig", "PROTOCOL_VERSION", "weaker_than"]
 
 PROTOCOL_VERSION = 1
 MAX_VECTOR_LENGTH = 1 << 31
@@ -300,3 +300,21 @@ class RoundConfig:
             scale=scale,
             max_weight=max_weight,
         )
+
+
+def weaker_than(config: RoundConfig, policy: SecAggConfig) -> list[str]:
+    """How ``config`` falls short of what ``policy`` gives for the same number of sites."""
+    problems = []
+    k, t = policy.resolve(config.n_sites)
+    if config.threshold < t:
+        problems.append(f"threshold {config.threshold} is below the agreed {t}")
+    complete = config.neighbourhood_size == config.n_sites
+    if k is None and not complete:
+        problems.append("the agreed graph is complete, this round's is sparse")
+    elif k is not None and not complete and (config.neighbors or 0) < k:
+        problems.append(f"{config.neighbors} neighbours is fewer than the agreed {k}")
+    if config.bit_width != policy.bit_width or config.clip != policy.clip:
+        problems.append("bit width or clip differs from the agreed settings")
+    if config.max_weight != policy.max_weight:
+        problems.append("max_weight differs from the agreed setting")
+    return problems

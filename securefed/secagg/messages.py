@@ -299,19 +299,38 @@ class SurvivorList(_Base):
 
 @dataclass(frozen=True)
 class ConsistencySignature(_Base):
-    """A client's signature over the survivor list it was shown."""
+    """A client's signature over the survivor list it was shown, plus a MAC tag of the same list
+    for each neighbour on it (cheaper for them to check than the signature)."""
 
     KIND: ClassVar[int] = 8
     STAGE: ClassVar[Stage] = Stage.CONSISTENCY_CHECK
     sender: int
     signature: bytes
+    tags: tuple[tuple[int, bytes], ...] = ()  # (neighbour, tag)
 
     def encode(self) -> bytes:
-        return _header(self.KIND, self.round_id, self.config_digest).u32(self.sender).fixed(self.signature, _SIG).getvalue()
+        w = _header(self.KIND, self.round_id, self.config_digest).u32(self.sender).fixed(self.signature, _SIG)
+        return _write_tags(w, self.tags).getvalue()
 
     @classmethod
     def _decode(cls, r: Reader, round_id: int, digest: bytes) -> ConsistencySignature:
-        return cls(round_id=round_id, config_digest=digest, sender=r.u32("sender"), signature=r.fixed(_SIG, "signature"))
+        sender, signature = r.u32("sender"), r.fixed(_SIG, "signature")
+        tags = _read_tags(r, "confirmation tags")
+        return cls(round_id=round_id, config_digest=digest, sender=sender, signature=signature, tags=tags)
+
+
+def _write_tags(w: Writer, tags: tuple[tuple[int, bytes], ...]) -> Writer:
+    w.u32(len(tags))
+    for site, tag in tags:
+        w.u32(site).fixed(tag, _TAG)
+    return w
+
+
+def _read_tags(r: Reader, what: str) -> tuple[tuple[int, bytes], ...]:
+    n = r.count(what, item_size=4 + _TAG, max_count=MAX_SITES)
+    tags = tuple((r.u32("site"), r.fixed(_TAG, "tag")) for _ in range(n))
+    _ids_in_range(tuple(site for site, _ in tags), what)
+    return tags
 
 
 @dataclass(frozen=True)
@@ -325,15 +344,14 @@ class UnmaskRequest(_Base):
     self_mask_ids: tuple[int, ...]
     key_ids: tuple[int, ...]
     attestations: tuple[tuple[int, bytes], ...] = ()  # (owner, the owner's tag for this holder)
+    confirmations: tuple[tuple[int, bytes], ...] = ()  # (neighbour, its list tag for this holder)
 
     def encode(self) -> bytes:
         w = _header(self.KIND, self.round_id, self.config_digest).u32(len(self.signatures))
         for signer, sig in self.signatures:
             w.u32(signer).fixed(sig, _SIG)
-        w.u32_list(list(self.self_mask_ids)).u32_list(list(self.key_ids)).u32(len(self.attestations))
-        for owner, tag in self.attestations:
-            w.u32(owner).fixed(tag, _TAG)
-        return w.getvalue()
+        w.u32_list(list(self.self_mask_ids)).u32_list(list(self.key_ids))
+        return _write_tags(_write_tags(w, self.attestations), self.confirmations).getvalue()
 
     @classmethod
     def _decode(cls, r: Reader, round_id: int, digest: bytes) -> UnmaskRequest:
@@ -344,11 +362,10 @@ class UnmaskRequest(_Base):
         key_ids = r.u32_list("key ids", max_count=MAX_SITES)
         _ids_in_range(self_ids, "unmask request self-mask ids")
         _ids_in_range(key_ids, "unmask request key ids")
-        m = r.count("attestations", item_size=4 + _TAG, max_count=MAX_SITES)
-        attestations = tuple((r.u32("attestation owner"), r.fixed(_TAG, "attestation tag")) for _ in range(m))
-        _ids_in_range(tuple(owner for owner, _ in attestations), "unmask request attestations")
+        attestations = _read_tags(r, "unmask request attestations")
+        confirmations = _read_tags(r, "unmask request confirmations")
         return cls(round_id=round_id, config_digest=digest, signatures=sigs, self_mask_ids=self_ids,
-                   key_ids=key_ids, attestations=attestations)
+                   key_ids=key_ids, attestations=attestations, confirmations=confirmations)
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ class SecAggServer:
         self._attestations: dict[int, dict[int, bytes]] = {}  # owner -> peer -> tag
         self._sum = MaskAccumulator(config.vector_length + 1, dtype=config.value_codec().dtype)
         self._signatures: dict[int, bytes] = {}
+        self._confirmations: dict[int, dict[int, bytes]] = {}  # signer -> neighbour -> tag
         self._unmask: dict[int, UnmaskShares] = {}
         self.u1: frozenset[int] = frozenset()
         self.u2: frozenset[int] = frozenset()
@@ -250,6 +251,7 @@ class SecAggServer:
             self.rejected[message.sender] = "survivor-list signature does not verify"
             return
         self._signatures[message.sender] = message.signature
+        self._confirmations[message.sender] = dict(message.tags)
 
     def _close_consistency_check(self) -> dict[int, object]:
         signed = frozenset(self._signatures)
@@ -275,9 +277,12 @@ class SecAggServer:
             if not self.graph.complete:
                 for owner in self_ids | key_ids:
                     relevant |= self.graph.neighbourhood(owner)
+            # Neighbours' confirmations replace their signatures; the holder's own is not needed.
+            tagged = {s for s in relevant & signed if site in self._confirmations.get(s, {})}
             self._requests[site] = UnmaskRequest(
                 **self._header(),
-                signatures=tuple((s, self._signatures[s]) for s in sorted(relevant & signed)),
+                signatures=tuple((s, self._signatures[s]) for s in sorted((relevant & signed) - tagged - {site})),
+                confirmations=tuple((s, self._confirmations[s][site]) for s in sorted(tagged)),
                 self_mask_ids=tuple(sorted(self_ids)),
                 key_ids=tuple(sorted(key_ids)),
                 attestations=() if self.graph.complete else tuple(

@@ -180,10 +180,17 @@ def test_a_signer_relayed_twice_counts_once() -> None:
     rnd.run()
     client = rnd.client_in_state(0, ClientState.CONFIRMED)
     request = rnd.server_message(UnmaskRequest, 0)
-    first = request.signatures[0]
-    tampered = dataclasses.replace(request, signatures=(first,) * len(request.signatures))
+    # Neighbours' confirmations are relayed as MAC tags; repeat one of them.
+    assert request.confirmations, "in a complete graph every signer is a neighbour"
+    first = request.confirmations[0]
+    tampered = dataclasses.replace(request, confirmations=(first,) * len(request.confirmations))
     with pytest.raises(ProtocolAbort, match="relayed twice"):
         client.handle(tampered)
+    again = rnd.client_in_state(0, ClientState.CONFIRMED)
+    signer, _ = first
+    both = dataclasses.replace(request, signatures=((signer, b"\0" * 64),))
+    with pytest.raises(ProtocolAbort, match="relayed twice"):
+        again.handle(both)
 
 
 def test_the_abort_reason_does_not_reveal_the_weight() -> None:

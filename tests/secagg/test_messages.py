@@ -462,12 +462,15 @@ def test_ciphertext_redirected_to_another_recipient_is_refused() -> None:
 
 def test_tampered_unmask_request_signature_is_refused() -> None:
     request = HONEST.to_clients[Stage.UNMASK][0]
-    signer, signature = request.signatures[0]
-    bad = bytearray(signature)
+    # Neighbours confirm with MAC tags, others with signatures: flip a bit in whichever is relayed.
+    field = "signatures" if request.signatures else "confirmations"
+    entries = getattr(request, field)
+    signer, proof = entries[0]
+    bad = bytearray(proof)
     bad[0] ^= 0x80
-    tampered = dataclasses.replace(request, signatures=((signer, bytes(bad)), *request.signatures[1:]))
+    tampered = dataclasses.replace(request, **{field: ((signer, bytes(bad)), *entries[1:])})
     client = HONEST.client_in_state(0, ClientState.CONFIRMED)
-    with pytest.raises(ProtocolAbort):
+    with pytest.raises(ProtocolAbort, match="different survivor list"):
         client.handle(decode_message(tampered.encode()))
 
 
