@@ -67,6 +67,7 @@ class Certificates:
         self._verify = verify  # raises if the signature does not verify on the holder's list
         self._verify_confirmation = verify_confirmation
         self._checked: set[int] = set() if holder is None else {holder}  # the holder signed its own list
+        self._certified: dict[frozenset[int], bool] = {}
         if holder is not None:
             self._signatures.setdefault(holder, b"")
         signers = sorted(self._signatures)
@@ -89,6 +90,13 @@ class Certificates:
     def certified(self, owner: int) -> bool:
         """Whether ``threshold`` members of ``owner``'s neighbourhood signed the holder's list."""
         members = self._graph.neighbourhood(owner)
+        known = self._certified.get(members)
+        if known is not None:  # in the complete graph every owner has the same neighbourhood
+            return known
+        self._certified[members] = result = self._count_up_to_threshold(members)
+        return result
+
+    def _count_up_to_threshold(self, members: frozenset[int]) -> bool:
         # Already-verified signers first, then those nearest the holder on the ring: they lie in
         # most of the neighbourhoods the holder asks about, so few signatures cover them all.
         ordered = sorted(
