@@ -12,9 +12,8 @@ coordinator (as Flower 1.42's do), which shows what each client check prevents.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import enum
 import hmac
-from collections.abc import Mapping
 
 import numpy as np
 

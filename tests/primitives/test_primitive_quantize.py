@@ -119,7 +119,6 @@ def test_capacity_bound_is_tight_and_correct(bit_width: int, n_terms: int, clip:
     assert scale == 2.0 ** math.floor(math.log2(scale))  # a power of two
     codec = FixedPointCodec(bit_width, scale=scale, clip=clip)
     codec.check_capacity(n_terms)
-    rng = SeededRandom(n_terms)
     for sign in (1.0, -1.0):
         # Uniforms of 0 round up, uniforms just below 1 round down: each term hits the bound.
         uniform = 0.0 if sign > 0 else np.nextafter(1.0, 0.0)
