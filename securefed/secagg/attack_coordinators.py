@@ -54,6 +54,16 @@ class _CoordinatorBase(SecAggServer):
         self.knowledge.masked_with.update(self._delivered)
         return out
 
+    def _deliver_only(self, out, members: frozenset[int]):  # type: ignore[no-untyped-def]
+        """Withhold from the target every share except those of ``members``, so it masks only
+        against them."""
+        u = self.target
+        self.isolated_with = members
+        out[u] = dataclasses.replace(out[u], items=tuple(i for i in out[u].items if i.sender in members))
+        self._delivered = {**self._delivered, u: members}
+        self.knowledge.masked_with.update(self._delivered)
+        return out
+
 
 class _RequestBothShares(_CoordinatorBase):
     """Asks every holder of the target's shares for its key share too, though it survived."""
@@ -205,11 +215,7 @@ class _IsolateInSparseGraph(_CoordinatorBase):
             ends = [ring[(pos - half) % len(ring)], ring[(pos + half) % len(ring)]]
         chosen = [p for p in ends if p in near]
         chosen += [p for p in near if p not in chosen][: max(0, t - 1 - len(chosen))]
-        self.isolated_with = frozenset(chosen[: t - 1])
-        out[u] = dataclasses.replace(out[u], items=tuple(i for i in out[u].items if i.sender in self.isolated_with))
-        self._delivered = {**self._delivered, u: self.isolated_with}
-        self.knowledge.masked_with.update(self._delivered)
-        return out
+        return self._deliver_only(out, frozenset(chosen[: t - 1]))
 
     def _close_masked_input(self):  # type: ignore[no-untyped-def]
         out = super()._close_masked_input()
@@ -277,11 +283,7 @@ class _RerunSameRound(_CoordinatorBase):
         u = self.target
         if u not in out:
             return out
-        self.isolated_with = frozenset({_ring_neighbour(self, u, -2), _ring_neighbour(self, u, 2)} - {u})
-        out[u] = dataclasses.replace(out[u], items=tuple(i for i in out[u].items if i.sender in self.isolated_with))
-        self._delivered = {**self._delivered, u: self.isolated_with}
-        self.knowledge.masked_with.update(self._delivered)
-        return out
+        return self._deliver_only(out, frozenset({_ring_neighbour(self, u, -2), _ring_neighbour(self, u, 2)} - {u}))
 
     def _close_masked_input(self):  # type: ignore[no-untyped-def]
         out = super()._close_masked_input()
