@@ -72,7 +72,7 @@ def names() -> list[str]:
 
 
 def describe(name: str) -> str:
-    return _lookup(name)[1].strip()
+    return " ".join(_lookup(name)[1].split())
 
 
 def _lookup(name: str) -> tuple[type[_CoordinatorBase], str]:
