@@ -66,8 +66,6 @@ class Writer:
         self._put(bytes(data))
         return self
 
-    def text(self, value: str) -> Writer:
-        return self.blob(value.encode("utf-8"))
 
     def u32_list(self, values: tuple[int, ...] | list[int]) -> Writer:
         self.u32(len(values))
@@ -139,13 +137,6 @@ class Reader:
                 f"{self._what}: {field} is {size} bytes, more than the limit of {max_size}"
             )
         return bytes(self._take(size, field))
-
-    def text(self, field: str, *, max_size: int = 1024) -> str:
-        raw = self.blob(field, max_size=max_size)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise MalformedMessageError(f"{self._what}: {field} is not valid UTF-8") from exc
 
     def count(self, field: str, *, item_size: int, max_count: int | None = None) -> int:
         """Read a u32 element count and check the items can fit in what is left."""
