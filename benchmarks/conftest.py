@@ -1,4 +1,4 @@
-"""Shared machinery of the secure-aggregation benchmarks.
+"""Shared machinery of the benchmarks (secure aggregation, privacy, DP-SGD).
 
 Every benchmark is reported as a ratio against a baseline measured in the same run (the raw
 AES-256-CTR keystream of the ``cryptography`` package, or a size the result must stay near),
@@ -222,7 +222,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         return "  ".join(f"{c:{a}{w}}" for c, a, w in zip(cols, align, widths)).rstrip()
 
     tr = terminalreporter
-    tr.write_sep("=", "secure aggregation: ratios against baselines measured in this run")
+    tr.write_sep("=", "securefed benchmarks: ratios against baselines measured in this run")
     tr.write_line(fmt(header))
     tr.write_line(fmt(["-" * w for w in widths]))
     for row, cols in zip(rows, lines):

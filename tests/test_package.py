@@ -12,6 +12,7 @@ import pytest
 
 import securefed
 import securefed.errors as errors
+import securefed.privacy as privacy
 import securefed.secagg as secagg
 
 PACKAGE = pathlib.Path(securefed.__file__).parent
@@ -20,7 +21,7 @@ IO_AND_CLOCK = {"socket", "time", "datetime", "asyncio", "subprocess", "http", "
 
 
 
-@pytest.mark.parametrize("module", [securefed, secagg, errors])
+@pytest.mark.parametrize("module", [securefed, secagg, errors, privacy])
 def test_all_names_exist(module: object) -> None:
     for name in module.__all__:  # type: ignore[attr-defined]
         assert hasattr(module, name), f"{module.__name__}.__all__ lists missing {name}"
@@ -77,3 +78,23 @@ def test_importing_securefed_loads_no_heavy_library() -> None:
 def test_no_module_is_too_long() -> None:
     for path in PACKAGE.rglob("*.py"):
         assert len(path.read_text().splitlines()) <= 500, f"{path} is over 500 lines"
+
+
+# The adapters of the privacy layer: the only privacy modules allowed to import torch/opacus/monai.
+PRIVACY_ADAPTERS = {"model_compat.py", "losses.py", "dpsgd.py", "dpsgd_data.py", "fast_clipping.py", "fast_clipping_layers.py"}
+
+
+def test_privacy_core_imports_no_heavy_library_and_no_crypto_protocol() -> None:
+    for path in (PACKAGE / "privacy").glob("*.py"):
+        imported = _imports(path)
+        text = path.read_text()
+        assert "securefed.secagg" not in text and "securefed.he" not in text, f"{path.name} reaches into a protocol layer"
+        if path.name not in PRIVACY_ADAPTERS:
+            bad = imported & HEAVY
+            assert not bad, f"{path.name} imports {sorted(bad)}; only adapter modules may"
+
+
+def test_importing_securefed_privacy_loads_no_heavy_library() -> None:
+    code = "import sys, securefed.privacy as p; p.epsilon; p.PrivacyLedger; print(sorted(m for m in sys.modules if m.split('.')[0] in %r))" % HEAVY
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -12,7 +12,15 @@ from securefed.secagg.client import ClientState, SecAggClient
 from securefed.secagg.config import RoundConfig, SecAggConfig
 from securefed.secagg.messages import decode_message
 from securefed.secagg.params import ParameterChoice, choose_parameters
-from securefed.secagg.recipes import CoordinatorView, ReceivedMessage, SecureSumResult, secure_sum
+from securefed.secagg.modular import ModularInput
+from securefed.secagg.recipes import (
+    CoordinatorView,
+    ModularSumResult,
+    ReceivedMessage,
+    SecureSumResult,
+    secure_modular_sum,
+    secure_sum,
+)
 from securefed.secagg.server import AggregateResult, SecAggServer
 from securefed.secagg.stages import Stage
 
@@ -20,6 +28,8 @@ __all__ = [
     "AggregateResult",
     "ClientState",
     "CoordinatorView",
+    "ModularInput",
+    "ModularSumResult",
     "ParameterChoice",
     "ReceivedMessage",
     "RoundConfig",
@@ -31,5 +41,6 @@ __all__ = [
     "attacks",
     "choose_parameters",
     "decode_message",
+    "secure_modular_sum",
     "secure_sum",
 ]

@@ -58,6 +58,7 @@ from securefed.secagg.messages import (
     UnmaskShares,
     survivors_statement,
 )
+from securefed.secagg.modular import ModularInput
 from securefed.secagg.stages import Stage
 
 __all__ = ["SecAggClient", "ClientState", "encode_input"]
@@ -83,16 +84,19 @@ _EXPECTS: dict[ClientState, type] = {
 }
 
 
-def encode_input(config: RoundConfig, vector: np.ndarray, weight: float, rng: RandomSource) -> np.ndarray:
+def encode_input(config: RoundConfig, vector: np.ndarray | ModularInput, weight: float, rng: RandomSource) -> np.ndarray:
     """Fixed-point encoding of ``weight * vector`` followed by the encoded weight itself."""
     values = np.empty(config.vector_length + 1, dtype=config.value_codec().dtype)
-    if weight == config.max_weight:
+    if isinstance(vector, ModularInput):  # already in the ring: summed exactly as given
+        values[:-1] = vector.values
+    elif weight == config.max_weight:
         # The codec clips at clip * max_weight, which equals clip(x) * weight here.
         scaled = vector if weight == 1.0 else np.multiply(vector, weight, dtype=np.float64)
     else:
         scaled = np.clip(vector, -config.clip, config.clip, dtype=np.float64)
         np.multiply(scaled, weight, out=scaled)
-    values[:-1] = config.value_codec().encode(scaled, rng)
+    if not isinstance(vector, ModularInput):
+        values[:-1] = config.value_codec().encode(scaled, rng)
     values[-1:] = config.weight_codec().encode(np.array([weight], dtype=np.float64), rng)
     return values
 
@@ -105,7 +109,7 @@ class SecAggClient:
         *,
         identity: SiteIdentity,
         roster: Roster,
-        vector: np.ndarray,
+        vector: np.ndarray | ModularInput,
         weight: float = 1.0,
         rng: RandomSource,
         previous_round: int | None,
@@ -221,6 +225,8 @@ class SecAggClient:
             problems.append(f"participants {outside[:5]} are not in the roster of {len(self._identities)} sites")
         if self._vector is not None and np.shape(self._vector) != (config.vector_length,):
             problems.append(f"input has shape {np.shape(self._vector)}, the round expects ({config.vector_length},)")
+        if isinstance(self._vector, ModularInput):
+            problems.extend(self._vector.check_ring(config.bit_width))
         if not 0.0 <= self._weight <= config.max_weight:
             problems.append(f"this site's weight is outside [0, max_weight={config.max_weight}]")
         if problems:
@@ -340,7 +346,8 @@ class SecAggClient:
             )
         self._masked_with = frozenset(self._held) - {self.site_id}
         accumulator = MaskAccumulator(config.vector_length + 1, dtype=config.value_codec().dtype)
-        accumulator.add_array(encode_input(config, np.asarray(self._vector), self._weight, self._rng))
+        vector = self._vector if isinstance(self._vector, ModularInput) else np.asarray(self._vector)
+        accumulator.add_array(encode_input(config, vector, self._weight, self._rng))
         accumulator.add(self._self_mask_seed)
         for peer in sorted(self._masked_with):
             secret = self._s_keys.agree(self._peers[peer].masking_key)

@@ -22,10 +22,11 @@ from securefed.primitives.randomness import RandomSource, SeededRandom, SystemRa
 from securefed.secagg.client import SecAggClient
 from securefed.secagg.config import RoundConfig, SecAggConfig
 from securefed.secagg.messages import decode_message
+from securefed.secagg.modular import ModularInput
 from securefed.secagg.server import AggregateResult, SecAggServer
 from securefed.secagg.stages import Stage, parse_stage
 
-__all__ = ["secure_sum", "SecureSumResult", "CoordinatorView", "ReceivedMessage", "simulated_federation"]
+__all__ = ["secure_sum", "secure_modular_sum", "SecureSumResult", "ModularSumResult", "CoordinatorView", "ReceivedMessage", "simulated_federation"]
 
 
 @dataclass(frozen=True)
@@ -270,8 +271,66 @@ def secure_sum(
     if not isinstance(config, SecAggConfig):
         raise ConfigError(f"config must be a SecAggConfig, got {type(config).__name__}")
     arrays, length = _as_matrix(vectors)
-    n = len(arrays)
-    site_weights = _check_weights(weights, n, config.max_weight)
+    site_weights = _check_weights(weights, len(arrays), config.max_weight)
+    result, view, round_config = _run_round(arrays, length, config, site_weights, dropouts, seed, workers, keep_messages)
+    return SecureSumResult(
+        total=result.total, total_weight=result.total_weight, survivors=set(result.survivors),
+        coordinator_view=view, config=round_config,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class ModularSumResult:
+    total: np.ndarray  # uint32/uint64: the survivors' inputs summed modulo 2^bit_width
+    survivors: set[int]
+    coordinator_view: CoordinatorView
+    config: RoundConfig
+
+
+def secure_modular_sum(
+    encoded: Sequence[np.ndarray] | np.ndarray,
+    config: SecAggConfig = SecAggConfig(),
+    *,
+    dropouts: Mapping[Stage | str, Iterable[int]] | None = None,
+    seed: int | bytes | str | None = None,
+    workers: int | None = None,
+    keep_messages: bool = True,
+) -> ModularSumResult:
+    """Securely sum inputs already encoded in Z_(2^b) (np.uint32 rows for 32 bits, np.uint64 for 64).
+
+    For mechanisms that encode for themselves, such as the distributed discrete Gaussian of
+    :mod:`securefed.privacy.distributed`: the sum is returned modulo 2^b, undecoded.
+    """
+    if not isinstance(config, SecAggConfig):
+        raise ConfigError(f"config must be a SecAggConfig, got {type(config).__name__}")
+    rows = list(encoded) if isinstance(encoded, (np.ndarray, list, tuple)) else None
+    if rows is None or len(rows) < 2:
+        raise ConfigError("encoded must hold at least 2 rows, one encoded input per site")
+    inputs = [ModularInput(np.asarray(r)) for r in rows]
+    problems = sorted({p for m in inputs for p in m.check_ring(config.bit_width)})
+    if len({m.values.size for m in inputs}) > 1:
+        problems.append("encoded rows have different lengths; every site must send the same length")
+    if problems:
+        raise ConfigError(problems)
+    result, view, round_config = _run_round(
+        inputs, inputs[0].values.size, config, [1.0] * len(inputs), dropouts, seed, workers, keep_messages
+    )
+    return ModularSumResult(
+        total=result.raw[:-1].copy(), survivors=set(result.survivors), coordinator_view=view, config=round_config
+    )
+
+
+def _run_round(
+    inputs: Sequence[np.ndarray | ModularInput],
+    length: int,
+    config: SecAggConfig,
+    site_weights: list[float],
+    dropouts: Mapping[Stage | str, Iterable[int]] | None,
+    seed: int | bytes | str | None,
+    workers: int | None,
+    keep_messages: bool,
+) -> tuple[AggregateResult, CoordinatorView, RoundConfig]:
+    n = len(inputs)
     vanish = _check_dropouts(dropouts, n)
     rng: RandomSource = SeededRandom(seed) if seed is not None else SystemRandom()
     fork = (lambda label: rng.fork(label)) if isinstance(rng, SeededRandom) else (lambda label: rng)
@@ -282,7 +341,7 @@ def secure_sum(
     )
     server = SecAggServer(round_config, roster)
     clients = {
-        i: SecAggClient(identity=identities[i], roster=roster, vector=arrays[i], weight=site_weights[i],
+        i: SecAggClient(identity=identities[i], roster=roster, vector=inputs[i], weight=site_weights[i],
                         rng=fork(f"site-{i}"), policy=config,
                         previous_round=None)  # a fresh federation each call: nothing to replay
         for i in range(n)
@@ -292,10 +351,7 @@ def secure_sum(
     if sim.client_errors:  # honest parties never refuse an honest coordinator
         site, exc = next(iter(sorted(sim.client_errors.items())))
         raise ProtocolAbort(f"site {site} refused the round: {exc}")
-    return SecureSumResult(
-        total=result.total, total_weight=result.total_weight, survivors=set(result.survivors),
-        coordinator_view=sim.view, config=round_config,
-    )
+    return result, sim.view, round_config
 
 
 def expected_error_bound(config: RoundConfig, n_terms: int) -> float:
