@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from securefed.errors import ConfigError, ProtocolAbort, SecurefedError
+from securefed.cli_ledger import add_ledger_commands
 
 __all__ = ["main"]
 
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--trusting-clients", action="store_true",
                         help="research only: clients that skip their checks, to see what the checks prevent")
     attack.set_defaults(func=_cmd_attacks)
+
+    add_ledger_commands(sub)
     return parser
 
 
