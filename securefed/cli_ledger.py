@@ -4,7 +4,7 @@ The trusted public key never comes from the ledger file itself (a key stored the
 nothing): it comes from the federation roster (``--roster FILE --site NAME``) or from a public
 identity file (``--public-key FILE``, the JSON of ``PublicIdentity.to_dict()``). ``--head FILE``
 (the JSON of ``PrivacyLedger.head().to_dict()``, published by the site earlier) also detects
-entries cut off the end.
+entries cut off the end; ``--ledger-id HEX`` detects another ledger of the same site swapped in.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def _expected_head(args: argparse.Namespace):
 def _cmd_verify(args: argparse.Namespace) -> int:
     from securefed.privacy import verify_ledger_file
 
-    problems = verify_ledger_file(args.ledger, _trusted_key(args), expected_head=_expected_head(args))
+    problems = verify_ledger_file(args.ledger, _trusted_key(args), expected_head=_expected_head(args),
+                                  expected_ledger_id=args.ledger_id)
     if args.json:
         print(json.dumps({"ledger": args.ledger, "valid": not problems,
                           "problems": [{"kind": p.kind.value, "seq": p.seq, "message": p.message} for p in problems]},
@@ -77,12 +78,12 @@ def _describe(event) -> str:
 def _cmd_show(args: argparse.Namespace) -> int:
     from securefed.privacy import PrivacyLedger
 
-    with PrivacyLedger.read(args.ledger, public_key=_trusted_key(args)) as ledger:
-        ledger.check(expected_head=_expected_head(args))
+    with PrivacyLedger.read(args.ledger, public_key=_trusted_key(args), expected_head=_expected_head(args),
+                            expected_ledger_id=args.ledger_id) as ledger:
         entries, spent, budget = ledger.entries(), ledger.spent(), ledger.budget
         if args.json:
             print(json.dumps({
-                "ledger": args.ledger, "site": ledger.site, "accountant": ledger.accountant.value,
+                "ledger": args.ledger, "ledger_id": ledger.ledger_id, "site": ledger.site, "accountant": ledger.accountant.value,
                 "budget": {"epsilon": budget.epsilon, "delta": budget.delta},
                 "spent": {"epsilon": spent.epsilon, "delta": spent.delta},
                 "entries": [{"seq": e.seq, "kind": e.kind.value, "round": e.round_id, "settles": e.settles,
@@ -111,5 +112,6 @@ def add_ledger_commands(sub: argparse._SubParsersAction) -> None:
         cmd.add_argument("--roster", metavar="FILE", help="the federation roster holding the site's public key")
         cmd.add_argument("--site", metavar="NAME", help="the site's name in the roster")
         cmd.add_argument("--head", metavar="FILE", help="a signed head the site published (JSON)")
+        cmd.add_argument("--ledger-id", metavar="HEX", help="the ledger id the site published (detects a swapped file)")
         cmd.add_argument("--json", action="store_true", help="print JSON")
         cmd.set_defaults(func=func)

@@ -81,7 +81,7 @@ def test_no_module_is_too_long() -> None:
 
 
 # The adapters of the privacy layer: the only privacy modules allowed to import torch/opacus/monai.
-PRIVACY_ADAPTERS = {"model_compat.py", "losses.py", "dpsgd.py", "dpsgd_data.py", "fast_clipping.py", "fast_clipping_layers.py"}
+PRIVACY_ADAPTERS = {"model_compat.py", "losses.py", "dpsgd.py", "dpsgd_data.py", "dpsgd_checks.py", "fast_clipping.py", "fast_clipping_layers.py"}
 
 
 def test_privacy_core_imports_no_heavy_library_and_no_crypto_protocol() -> None:

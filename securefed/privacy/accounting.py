@@ -6,9 +6,20 @@ Two families, chosen by :class:`AccountantKind`:
   converts once at the end. Cheap, handles every event we emit, including the distributed
   discrete Gaussian of Kairouz, Liu and Steinke (2021), but loose by 10-30% at typical settings.
 * PLD (privacy loss distributions; Meiser and Mohammadi 2018, Koskela et al. 2020, Doroshenko et
-  al. 2022) composes the exact loss distribution numerically. Tight (a valid upper bound within
-  a fraction of a percent), slower, and only for the Poisson-subsampled Gaussian. "prv" (privacy
-  random variables, Gopi, Lee and Wutschitz 2021) names the same idea, so it is an alias.
+  al. 2022) composes the exact loss distribution numerically. Tight (a certified upper bound
+  within a fraction of a percent), slower, and only for the Poisson-subsampled Gaussian. "prv"
+  (privacy random variables, Gopi, Lee and Wutschitz 2021) names the same idea, so it is an
+  alias. Both the PLD and the RDP results are valid upper bounds, so the PLD accountant reports
+  the smaller of the two (which also covers the rare settings, tiny deltas or extreme grids,
+  where the certified PLD is loose or cannot be computed at all).
+
+Sampler slack. A distributed discrete Gaussian event whose sampler is only eta-close to the
+exact one in total variation per coordinate (``sampler_tv``) runs a mechanism within H = sites *
+dimension * steps * eta of the ideal one; the ideal one is (eps, delta_mech(eps))-DP, so the real
+one is (eps, delta_mech(eps) + (1 + e^eps) H)-DP. Every accountant adds that term: ``delta`` is
+the sum, and ``epsilon(delta)`` is the least eps whose sum fits in delta, found by iterating
+eps <- epsilon_mech(delta - (1 + e^eps) H) upward from below; a PrivacyError says when H alone
+leaves no room.
 
 An accountant holds the events composed so far (``.events``), so a ledger verifier can re-derive
 any reported epsilon from them. Privacy units are not mixed up here: composition is the same
@@ -20,13 +31,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
 from typing import ClassVar
 
 import numpy as np
 
-from ..errors import ConfigError, UnsupportedMechanismError
+from ..errors import ConfigError, PrivacyError, UnsupportedMechanismError
 from .events import DistributedDiscreteGaussian, PoissonSampledGaussian, PrivacyEvent
 from .pld import ComposedPld, compose_sampled_gaussians
 from .rdp import DEFAULT_ORDERS, delta_from_rdp, epsilon_from_rdp, event_rdp, validate_orders
@@ -40,7 +51,13 @@ __all__ = [
     "make_accountant",
     "compose_epsilon",
     "compose_delta",
+    "sampler_slack",
+    "epsilon_with_sampler_slack",
 ]
+
+
+# Iterations of the sampler-slack search (it converges geometrically, at rate about H / delta).
+_SAMPLER_ROUNDS = 200
 
 
 class AccountantKind(Enum):
@@ -100,19 +117,33 @@ class Accountant(ABC):
         self._absorb(event)
         self._events.append(event)
 
+    @property
+    def sampler_slack(self) -> float:
+        """H of the events composed so far (see :func:`sampler_slack`)."""
+        return sampler_slack(self._events)
+
     def epsilon(self, delta: float) -> float:
         """Smallest epsilon this accountant can certify at ``delta``; math.inf if unbounded."""
         problem = _check_delta(delta)
         if problem:
             raise ConfigError(problem)
-        return 0.0 if not self._events else self._epsilon(float(delta))
+        if not self._events:
+            return 0.0
+        return epsilon_with_sampler_slack(self._epsilon, delta=float(delta), slack=self.sampler_slack)
 
     def delta(self, epsilon: float) -> float:
         """Smallest delta this accountant can certify at ``epsilon``."""
         problem = _check_epsilon(epsilon)
         if problem:
             raise ConfigError(problem)
-        return 0.0 if not self._events else self._delta(float(epsilon))
+        if not self._events:
+            return 0.0
+        slack = self.sampler_slack
+        if slack == 0:
+            return self._delta(float(epsilon))
+        if epsilon > 700:  # (1 + e^eps) H overflows: no meaningful delta
+            return 1.0
+        return min(1.0, self._delta(float(epsilon)) + (1.0 + math.exp(epsilon)) * slack)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(events={len(self._events)})"
@@ -158,13 +189,18 @@ class RdpAccountant(Accountant):
 
 
 class PldAccountant(Accountant):
-    """Numerical privacy loss distributions (Poisson-subsampled Gaussian events only)."""
+    """Numerical privacy loss distributions (Poisson-subsampled Gaussian events only).
+
+    Reports the smaller of the certified PLD bound and the RDP bound (both valid), and the RDP
+    bound alone where the PLD cannot be certified (a PrivacyError from the PLD module).
+    """
 
     kind = AccountantKind.PLD
 
     def __init__(self) -> None:
         super().__init__()
         self._composed: ComposedPld | None = None
+        self._renyi = RdpAccountant()
 
     def _absorb(self, event: PrivacyEvent) -> None:
         if not isinstance(event, PoissonSampledGaussian):
@@ -172,6 +208,7 @@ class PldAccountant(Accountant):
                 f"the PLD accountant cannot account for {type(event).__name__} (no loss distribution is "
                 "implemented for the distributed discrete Gaussian); use accountant='rdp', which applies "
                 "Kairouz, Liu and Steinke's Renyi bound")
+        self._renyi.compose(event)
         self._composed = None  # recomposed lazily on the next query
 
     def _pld(self) -> ComposedPld:
@@ -181,10 +218,57 @@ class PldAccountant(Accountant):
         return self._composed
 
     def _epsilon(self, delta: float) -> float:
-        return self._pld().epsilon(delta)
+        renyi = self._renyi.epsilon(delta)
+        try:
+            return min(self._pld().epsilon(delta), renyi)
+        except PrivacyError:
+            return renyi
 
     def _delta(self, epsilon: float) -> float:
-        return self._pld().delta(epsilon)
+        renyi = self._renyi.delta(epsilon)
+        try:
+            return min(self._pld().delta(epsilon), renyi)
+        except PrivacyError:
+            return renyi
+
+
+def sampler_slack(events: Iterable[PrivacyEvent]) -> float:
+    """H = sum of sites * dimension * steps * sampler_tv over the distributed discrete Gaussians."""
+    return math.fsum(float(event.sites) * event.dimension * event.steps * event.sampler_tv
+                     for event in events if isinstance(event, DistributedDiscreteGaussian))
+
+
+def epsilon_with_sampler_slack(mechanism_epsilon: Callable[[float], float], *, delta: float, slack: float) -> float:
+    """Least eps with delta_mech(eps) + (1 + e^eps) * slack <= delta (module docstring).
+
+    ``mechanism_epsilon(d)`` is the mechanism's epsilon at delta d, nonincreasing in d. With no
+    slack this is just ``mechanism_epsilon(delta)``. Raises PrivacyError when the slack leaves
+    no room.
+    """
+    if slack == 0:
+        return mechanism_epsilon(delta)
+
+    def epsilon_at(at: float) -> float:  # mechanism_epsilon(delta - (1 + e^at) H)
+        budget = delta - (1.0 + math.exp(at)) * slack if at <= 700 else -1.0
+        if budget <= 0:
+            raise PrivacyError(
+                f"the noise samplers' total-variation slack H = {slack:.3g} (sites * dimension * steps * "
+                f"sampler_tv) leaves no room in delta = {delta:.3g} at epsilon {at:.3g}; use fewer "
+                "coordinates or rounds, an exact sampler, or a larger delta")
+        return mechanism_epsilon(budget)
+
+    # Nondecreasing iterates below the least fixed point; stop once they settle.
+    eps = epsilon_at(0.0)
+    for _ in range(_SAMPLER_ROUNDS):
+        if math.isinf(eps):
+            return eps
+        # A point a hair above: if its own budget already allows it, it satisfies the sum.
+        above = eps * (1.0 + 1e-9) + 1e-12
+        if epsilon_at(above) <= above:
+            return above
+        eps = epsilon_at(eps)
+    raise PrivacyError(f"the sampler slack H = {slack:.3g} is too close to delta = {delta:.3g} for a stable "
+                       "epsilon; use fewer coordinates or rounds, an exact sampler, or a larger delta")
 
 
 _ACCOUNTANTS: dict[AccountantKind, type[Accountant]] = {

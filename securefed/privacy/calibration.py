@@ -67,11 +67,16 @@ def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: f
                               accountant_kind(accountant))
 
 
+def _log(value: float) -> float:
+    # Epsilon can be exactly 0 (delta above the total variation) or infinite.
+    return math.log(value) if value > 0 else -math.inf
+
+
 def _in_band(value: float, target: float) -> bool:
     return _BAND_LOW * target <= value <= target
 
 
-def _solve(eps_of: Callable[[float], float], target: float, *, start: float) -> float:
+def _solve(eps_of: Callable[[float], float], target: float, *, start: float, delta_hint: float) -> float:
     """A noise multiplier whose epsilon lies in the band, searching from ``start``."""
     z = min(max(start, MIN_NOISE_MULTIPLIER), MAX_NOISE_MULTIPLIER)
     value = eps_of(z)
@@ -111,7 +116,7 @@ def _solve(eps_of: Callable[[float], float], target: float, *, start: float) -> 
     # Illinois regula falsi on g(u) = log eps(e^u) - log(aim): g(low) > 0 >= g(high) roughly.
     aim = math.log(_AIM * target)
     u_low, u_high = math.log(low), math.log(high)
-    g_low, g_high = math.log(low_eps) - aim, math.log(high_eps) - aim
+    g_low, g_high = _log(low_eps) - aim, _log(high_eps) - aim
     side = 0
     for _ in range(_MAX_ITERATIONS):
         if math.isfinite(g_low) and math.isfinite(g_high) and g_low != g_high:
@@ -123,23 +128,33 @@ def _solve(eps_of: Callable[[float], float], target: float, *, start: float) -> 
         value = eps_of(math.exp(u))
         if _in_band(value, target):
             return math.exp(u)
-        g = math.log(value) - aim if value > 0 else -math.inf
+        g = _log(value) - aim
         if value > target:
-            u_low, g_low = u, g
+            u_low, g_low, low_eps = u, g, value
             if side == -1:
                 g_high /= 2.0
             side = -1
         else:
-            u_high, g_high = u, g
+            u_high, g_high, high_eps = u, g, value
             if side == 1:
                 g_low /= 2.0
             side = 1
         if u_high - u_low < 1e-13:
             break
+    band = f"[{_BAND_LOW * target:.6g}, {target:g}]"
+    if high_eps == 0:
+        # Genuine: once delta exceeds the mechanism's total variation distance, epsilon 0 holds.
+        raise PrivacyError(
+            f"no noise multiplier gives epsilon in {band}: epsilon drops from {low_eps:.6g} straight to 0 "
+            f"near noise_multiplier={math.exp(u_high):.6g}, where delta={delta_hint} already covers the "
+            f"whole difference between neighbours; use that noise (epsilon 0) or ask for a smaller delta")
+    # The PLD's certified precision depends on discrete choices (grid, tilt, window), so at
+    # extreme settings (tiny sample rates and deltas) its epsilon can step over the band.
     raise PrivacyError(
-        f"could not find a noise multiplier with epsilon in [{_BAND_LOW * target:.6g}, {target:g}] "
-        f"(epsilon jumps from {math.exp(g_low + aim):.6g} to {math.exp(g_high + aim):.6g} near "
-        f"noise_multiplier={math.exp(u_high):.6g}); this is an accountant bug, please report it")
+        f"could not find a noise multiplier with epsilon in {band}: epsilon jumps from {low_eps:.6g} to "
+        f"{high_eps:.6g} near noise_multiplier={math.exp(u_high):.6g} (both are valid bounds; the accountant's "
+        f"precision changes there); use that noise (epsilon {high_eps:.6g}), a target outside the jump, or "
+        "accountant='rdp'")
 
 
 def noise_multiplier_for(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
@@ -158,12 +173,16 @@ def noise_multiplier_for(*, target_epsilon: float, delta: float, sample_rate: fl
     def rdp_eps(z: float) -> float:
         return _epsilon_unchecked(z, rate, steps, delta, AccountantKind.RDP)
 
-    rdp_answer = _solve(rdp_eps, target, start=1.0)
     if accountant_kind(accountant) is AccountantKind.RDP:
-        return rdp_answer
+        return _solve(rdp_eps, target, start=1.0, delta_hint=delta)
 
     def pld_eps(z: float) -> float:
         return _epsilon_unchecked(z, rate, steps, delta, AccountantKind.PLD)
 
-    # PLD is tighter, so it needs at most the RDP noise; start just below it.
-    return _solve(pld_eps, target, start=rdp_answer * 0.95)
+    # PLD is tighter, so it needs at most the RDP noise; start just below it (or from 1 where
+    # no RDP answer exists: the PLD's epsilon may still reach the band).
+    try:
+        start = _solve(rdp_eps, target, start=1.0, delta_hint=delta) * 0.95
+    except PrivacyError:
+        start = 1.0
+    return _solve(pld_eps, target, start=start, delta_hint=delta)

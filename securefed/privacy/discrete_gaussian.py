@@ -15,15 +15,46 @@ Y = +-(U + t V) with P(Y = y) proportional to exp(-|y| / t).
   reference the fast sampler is tested against.
 * :func:`sample_discrete_gaussian` runs the same rejection structure on whole numpy arrays. The
   uniform U is an exact integer (``uniform_below``), so outputs are exact integers at any sigma
-  (no float granularity above 2**53), but the three acceptance decisions compare a 53-bit uniform
-  with a float64 probability, and V is ``floor(-log(1 - u))`` of a 53-bit uniform (so V <= 36).
-  Each decision's probability is therefore off by at most a few units of 2**-53, and the
-  output's total-variation distance from N_Z(0, sigma^2) is of order 1e-15 per coordinate. A
-  mechanism whose noise is eta-close in total variation to the ideal one keeps its epsilon with
-  delta raised by at most (1 + e^epsilon) * eta, i.e. about 1e-9 for a million coordinates: far
-  below any delta in use. Unlike float Laplace noise (Mironov 2012, "On Significance of the Least
-  Significant Bits for Differential Privacy") the released values are integers, so there are no
-  low-order bits to leak through.
+  (no float granularity above 2**53), but the Laplace and Gaussian acceptance decisions compare a
+  53-bit uniform with a float64 probability, and V is ``floor(-log1p(-u))`` of a 53-bit uniform
+  (so V <= 36). Its output is therefore not exactly N_Z(0, sigma^2); unlike float Laplace noise
+  (Mironov 2012, "On Significance of the Least Significant Bits for Differential Privacy") the
+  released values are integers, with no low-order bits to leak, but the distance must be paid
+  for in delta. :func:`fast_sampler_tv_bound` bounds it, and :data:`FAST_SAMPLER_TV_BOUND` is
+  at least that bound at every sigma.
+
+The bound (per output coordinate). Couple each 53-bit coin with a continuous uniform U (the coin
+is floor(2^53 U) / 2^53) and run the ideal algorithm, which decides with exact probabilities, on
+the same U's; the outputs differ only if some proposal's decisions differ before the ideal run
+accepts. A proposal leaves the two runs together unless one of them accepts it, so with u =
+2^-53 and every float exp / log1p call assumed within 4 ulp (relative rho = 8u; correctly rounded
+is 1/2 ulp, glibc and numpy's SIMD versions are within about 1):
+
+* Laplace test, "U < exp(-j/t)": the float argument errs by at most 3.02u and exp by rho, and
+  the coin's grid adds u: at most 4.02u + 1.001 rho.
+* Gaussian test, "U < exp(-x)", x = (m - sigma^2/t)^2 / (2 sigma^2): rounding in forming x
+  shifts it by at most u (7.02 x + 4.01 sqrt(2x)) (m near sigma^2/t cancels, which the sqrt term
+  covers), so the probability moves by at most e^-x times that, at most 5.02u over all x, plus
+  rho and the grid's u: at most 6.03u + 1.001 rho.
+* Geometric V: at threshold v the float and exact values of -log(1 - U) can fall on different
+  sides of v only within a band of probability 2.01 v rho e^-v, plus 2u for the coin's grid
+  (near the top one grid step moves -log(1 - U) by up to 1/2, never by 1, so the runs' V differ
+  by at most one). Such a pair of runs splits only if one accepts the larger of the two
+  proposals, whose Gaussian test passes with probability at most B_v = exp(-(v - 2)^2 / 2) for
+  v >= 2 (since t > sigma) and 1 for v = 1; summing, 2.01 rho sum v e^-v B_v + 2u sum B_v
+  <= 1.49 rho + 5.51u. (V >= 37, impossible for the float run, has probability e^-37 B_37 ~ 0.)
+  The sign test compares with 1/2, which the grid represents exactly.
+
+So one proposal splits the runs with probability at most 15.56u + 3.49 rho = 43.5u. The ideal
+run accepts each proposal with probability W = (1 - e^-1) Z / (2t) * exp(-sigma^2 / (2 t^2)),
+Z = sum_y exp(-y^2 / (2 sigma^2)) >= max(1, sqrt(2 pi) sigma) (by Poisson summation), so
+W >= 0.19 at any sigma and >= 0.46 for sigma >= 4; the runs split with probability at most
+43.5u / W per output (about 2.5e-14 at worst, 1e-14 at sigma >= 4), and by a union bound n
+outputs are within n times that in total variation of n exact draws. A mechanism whose noise is
+eta-close in total variation to the ideal one stays (epsilon, delta + (1 + e^epsilon) eta)-DP;
+the accountants charge this through ``DistributedDiscreteGaussian.sampler_tv``. (The actual
+distance is far smaller, 4e-17 to 6e-17 per coordinate at sigma 0.8 to 10 by exact enumeration
+of the coins, but the bound is what can be certified without enumerating.)
 """
 
 from __future__ import annotations
@@ -39,6 +70,8 @@ from ..primitives.randomness import RandomSource, uniform_below, uniform_floats
 
 __all__ = [
     "MAX_SIGMA",
+    "FAST_SAMPLER_TV_BOUND",
+    "fast_sampler_tv_bound",
     "sample_discrete_gaussian",
     "sample_discrete_gaussian_exact",
     "sample_bernoulli_exp",
@@ -54,6 +87,12 @@ MAX_SIGMA = float(2**56)
 _DIRECT_SUM_SIGMA = 4.0
 # Bytes fetched per call by the exact sampler, which needs many tiny uniform integers.
 _EXACT_CHUNK = 4096
+# Probability that one proposal of the fast sampler splits it from the exact one: 15.56 u +
+# 3.49 rho with u = 2^-53 and rho = 8u (see the module docstring), rounded up.
+_SPLIT_PER_PROPOSAL = 43.6 * 2.0**-53
+# The ideal acceptance rate is at least this at any sigma (its minimum, sigma just below 1).
+_MIN_ACCEPTANCE = -math.expm1(-1.0) / 2.0 * math.exp(-0.5)
+FAST_SAMPLER_TV_BOUND = _SPLIT_PER_PROPOSAL / _MIN_ACCEPTANCE * (1.0 + 1e-9)
 
 
 def _check_count(n: object, problems: list[str]) -> None:
@@ -236,11 +275,26 @@ def _proposals(sigma: float, t: int, count: int, rng: RandomSource) -> np.ndarra
     return accepted
 
 
+def fast_sampler_tv_bound(sigma: float) -> float:
+    """Total-variation distance bound of one :func:`sample_discrete_gaussian` output (module docstring)."""
+    problems: list[str] = []
+    _check_sigma(sigma, problems)
+    if problems:
+        raise ConfigError(problems)
+    sigma = float(sigma)
+    t = math.floor(sigma) + 1
+    normalizer = max(1.0, math.sqrt(2.0 * math.pi) * sigma)
+    acceptance = -math.expm1(-1.0) * normalizer / (2.0 * t) * math.exp(-(sigma * sigma) / (2.0 * t * t))
+    # Rounded up a little so that rounding here cannot shave the bound.
+    return _SPLIT_PER_PROPOSAL / acceptance * (1.0 + 1e-9)
+
+
 def sample_discrete_gaussian(sigma: float, n: int, rng: RandomSource) -> np.ndarray:
     """Return ``n`` samples of N_Z(0, sigma^2) as an int64 array (vectorised CKS 2020).
 
     Fast (about 0.2 s per million on one core). Deviates from the exact distribution only
-    through float64 acceptance probabilities; see the module docstring for the bound.
+    through float64 acceptance probabilities: each output is within
+    ``fast_sampler_tv_bound(sigma)`` of N_Z(0, sigma^2) in total variation (module docstring).
     """
     problems: list[str] = []
     _check_sigma(sigma, problems)

@@ -44,6 +44,23 @@ negligible (tau d <= 10 n d exp(-pi^2 sigma^2) < 1e-66 n d), and (b) rounding in
 sensitivity by at most ``MAX_SENSITIVITY_INFLATION`` (Delta_2 gamma / c). Coarser grids only
 make both worse, so if the finest one fails no gamma works and the config is refused.
 
+What site-level DP protects. The neighbouring relation is a site's contribution: the released
+sum (and everything computed from it) is nearly as likely whether a given surviving site sent
+its real update or a zero update (:class:`~securefed.privacy.events.PrivacyUnit` SITE, with the
+L2 bound c). It does not hide that the site took part: secure aggregation publishes the list of
+survivors whose masks were removed, so participation itself is visible to the coordinator and
+to every site. Hiding participation would need sampling the adversary cannot see
+(:class:`~securefed.privacy.site_dp.SiteSampling` with HIDDEN_RANDOM) and a protocol that does
+not reveal the survivors.
+
+Sampler slack. Each site draws its noise with the vectorised float sampler
+(:func:`~securefed.privacy.discrete_gaussian.sample_discrete_gaussian`), whose output is only
+within :func:`~securefed.privacy.discrete_gaussian.fast_sampler_tv_bound` of the exact discrete
+Gaussian in total variation per coordinate; :meth:`DistributedDPEncoder.event` records that as
+``sampler_tv``, and the accountants add (1 + e^eps) sites * d * steps * sampler_tv to delta. At
+about 1e-14 per coordinate this is negligible for small models but grows with d: a million
+padded coordinates, 10 sites and 100 rounds add about 1e-5 (1 + e^eps).
+
 Modular clipping. If a coordinate of the sum leaves [-2^(b-1), 2^(b-1)) it wraps around and
 decodes as a value about 2^b gamma away from the truth; the inverse rotation then spreads that
 error over every output coordinate. The head-room makes this rare (probability at most
@@ -63,7 +80,7 @@ import numpy as np
 
 from ..errors import ConfigError, PrivacyError
 from ..primitives.randomness import RandomSource, uniform_floats
-from .discrete_gaussian import sample_discrete_gaussian
+from .discrete_gaussian import fast_sampler_tv_bound, sample_discrete_gaussian
 from .events import DistributedDiscreteGaussian, PrivacyUnit
 from .rotation import RandomRotation, Rotation, next_power_of_two, rotation_kind
 from .site_dp import clip_update, finite_vector
@@ -270,9 +287,9 @@ def _choose_grid(config: DistributedDPConfig, padded: int) -> _Grid:
         )
     if problems:
         raise ConfigError(problems)
-    # Integer vectors: |x|_1 <= |x|_2^2 and |x|_1 <= sqrt(d) |x|_2. Nudged up so float
-    # rounding of the product can never understate it.
-    l1 = min(l2 * l2, math.sqrt(d) * l2) * (1.0 + 1e-12)
+    # Integer vectors: |x|_2 <= |x|_1 <= min(|x|_2^2, sqrt(d) |x|_2). Nudged up so float
+    # rounding of the product can never understate it (DistributedDiscreteGaussian checks it).
+    l1 = max(l2, min(l2 * l2, math.sqrt(d) * l2)) * (1.0 + 1e-12)
     return _Grid(gamma=gamma, site_sigma=site_sigma, l2_sensitivity=l2, l1_sensitivity=l1)
 
 
@@ -391,6 +408,11 @@ class DistributedDPEncoder:
 
         Before the round use ``config.min_sites`` (the worst case secure aggregation allows);
         afterwards the actual number of survivors. Fewer sites means less noise: larger epsilon.
+        The event records ``expected_sites`` as its cohort, the most survivors a ledger may later
+        settle a worst-case charge to. (Per-site noise of at least MIN_SITE_SIGMA makes the
+        Kairouz et al. slack term negligible, so epsilon falls monotonically with more sites and
+        the worst case really is ``min_sites``.) It also records the noise sampler's
+        total-variation bound as ``sampler_tv`` (module docstring, "Sampler slack").
         """
         return DistributedDiscreteGaussian(
             l2_sensitivity=self.l2_sensitivity,
@@ -400,4 +422,6 @@ class DistributedDPEncoder:
             dimension=self.padded_dimension,
             steps=steps,
             unit=PrivacyUnit.SITE,
+            cohort=self.config.expected_sites,
+            sampler_tv=fast_sampler_tv_bound(self.site_sigma),
         )

@@ -21,13 +21,29 @@ half-trained or NaN model is never shared. A failed round is retried under a new
 
 Losses. ``loss_fn(outputs, targets)`` returns per-example losses of shape (B,) (e.g.
 ``nn.CrossEntropyLoss(reduction="none")`` or :mod:`securefed.privacy.losses`), or the batch MEAN
-as a scalar, which only Opacus' per-sample hooks accept (they undo a mean, not a sum).
+as a scalar, which only Opacus' per-sample hooks accept (they undo a mean, not a sum). **The loss
+of record i must depend on record i alone**: a batch statistic inside the loss (MONAI
+``DiceLoss(batch=True)``, a batch mean, contrastive terms) lets one record move every other
+record's clipped gradient, and no clipping bounds that. Each round probes the loss once, on its
+first batch of two or more records, and refuses a coupled one (:mod:`.dpsgd_checks`); the probe
+catches the usual couplings, not every possible one.
 
 Clipping modes (:class:`~securefed.privacy.dpsgd_config.ClippingMode`): PER_SAMPLE uses Opacus'
 hooks, GHOST Opacus' fast gradient clipping (Li et al. 2022; Bu et al. 2022), FAST securefed's
 book-keeping engine (Bu et al. 2023) feeding Opacus' ``DPOptimizerFastGradientClipping`` (which
 adds the noise to the clipped sum the engine leaves in ``p.grad``). AUTO picks FAST when the
-engine supports every trainable layer and the training is not distributed, else PER_SAMPLE.
+engine supports every trainable layer (no weight tying, no reparametrised weights) and the
+training is not distributed, else PER_SAMPLE. GHOST has preconditions its hooks cannot check:
+every trainable parameter is used only inside its own layer's forward (no parent calling
+``F.linear`` on a child's weight), each layer runs once per forward, one row per record reaches
+every layer, and the loss is separable. So each step first counts every standard layer
+parameter's uses in the autograd graph against the hooked calls, and checks row counts and the
+triangle bound ``||sum_i c_i g_i|| <= sum_i c_i ||g_i||`` (:mod:`.dpsgd_checks`); a failure
+refuses the step (round charged, model restored). ``example_input=`` finds most of this first.
+
+State. Gradients, Opacus' per-sample state and recorded activations are cleared before and
+after every round (a non-private backward outside a round never enters a released step), and the
+optimizer must hold every trainable parameter.
 
 Physical batches. With ``max_physical_batch_size`` Opacus' ``BatchMemoryManager`` splits each
 Poisson batch into chunks; the optimizer still steps once per logical batch.
@@ -38,13 +54,23 @@ process per GPU, ``torchrun --nproc_per_node=K train.py``, call
 config. Every process then samples its own shard of the records at rate q (together one Poisson
 sample of the whole dataset), the parameters are synchronised by Opacus' DPDDP, the clipped sums
 are all-reduced and rank 0 alone adds the noise. Only rank 0 charges its ledger; the others learn
-the outcome by broadcast and pass ``ledger=None``.
+the outcome by broadcast and pass ``ledger=None``. Before each noised step the ranks agree that
+all of them got there; when one fails, every rank raises.
+
+Ledger and target. With a ledger, ``target_epsilon`` is checked against the ledger's DP-SGD
+charges (record-level Poisson-sampled Gaussian events) plus this round, as well as against this
+object's own rounds, so a fresh object after a restart cannot overspend the target even without
+:meth:`~PrivateTraining.load_state_dict`; a round id the ledger already has a DP-SGD charge for
+is refused.
 
 Randomness. Without ``seed`` the sampling and noise generators are seeded per round from the
 operating system: torch's default generator starts from a fixed seed in every process, which would
 make the "random" batches and noise predictable. torch's generators are not cryptographically
 secure and its float Gaussian is open to the floating-point attack of Mironov (2012); Opacus'
-``secure_mode`` (torchcsprng) is not used. ``seed`` makes runs reproducible, for simulation only.
+``secure_mode`` (torchcsprng) is not used. ``seed`` makes runs reproducible, for simulation only:
+never use it with real data. Its streams are labelled with the round id and the ledger sequence
+number of the round's charge, so with a ledger a restart never replays a round's noise (without
+one the label is the round's index in this training, repeated by a retry after a crash).
 """
 
 from __future__ import annotations
@@ -60,25 +86,22 @@ from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as D
 from opacus.grad_sample import AbstractGradSampleHooks, prepare_module
 from opacus.optimizers import DPOptimizer, get_optimizer_class
 from opacus.utils.batch_memory_manager import BatchMemoryManager
-from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, PrivacyBudgetExceeded, PrivacyError
 from ..primitives.randomness import SeededRandom, SystemRandom
+from . import dpsgd_checks as checks
 from .accounting import compose_epsilon
-from .dpsgd_config import ClippingMode, DPSGDConfig, RoundReport, TrainingPlan, plan_training
+from .dpsgd_config import (ClippingMode, DPSGDConfig, RoundReport, TrainingPlan, plan_training, restore_rounds,
+                           training_state)
 from .dpsgd_data import PoissonData, as_pair, leading_size, resolve_device, to_device
-from .events import PoissonSampledGaussian, event_from_record
-from .fast_clipping import BookKeepingClipper
-from .model_compat import require_dp_compatible
+from .events import PoissonSampledGaussian
 
 if TYPE_CHECKING:
     from .ledger import PrivacyLedger
 
 __all__ = ["make_private", "PrivateTraining"]
 
-_STATE_FORMAT = "securefed-dpsgd-state"
-_STATE_VERSION = 1
 _NOTE = "dp-sgd"
 _OWNED = "_securefed_private_training"  # marks a model that a PrivateTraining holds
 _OPACUS_MODE = {ClippingMode.PER_SAMPLE: "hooks", ClippingMode.GHOST: "ghost", ClippingMode.FAST: "ghost"}
@@ -95,7 +118,7 @@ class PrivateTraining:
 
     def __init__(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: PoissonData,
                  plan: TrainingPlan, config: DPSGDConfig, device: torch.device,
-                 clipping: ClippingMode, clipper: BookKeepingClipper | None, ledger: PrivacyLedger | None,
+                 clipping: ClippingMode, clipper: Any, ledger: PrivacyLedger | None,
                  seed: int | bytes | str | None) -> None:
         self.model, self.optimizer, self.device, self.plan = model, optimizer, device, plan
         self.config, self.clipping, self.ledger = config, clipping, ledger
@@ -106,10 +129,12 @@ class PrivateTraining:
         self._rank = torch.distributed.get_rank() if self._distributed else 0
         self._world = torch.distributed.get_world_size() if self._distributed else 1
         self._ddp = DPDDP(model) if self._distributed else None  # broadcasts rank 0's parameters
-        self._trainable = [p for p in model.parameters() if p.requires_grad]
+        self._named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._trainable = [p for _, p in self._named]
         self._rounds: list[tuple[str, PoissonSampledGaussian]] = []
         self._steps_taken = 0
-        self._clipper: BookKeepingClipper | None = clipper
+        self._loss_probed = False
+        self._clipper = clipper  # securefed's BookKeepingClipper under FAST
         self._hooks = self._make_hooks()
         self._dp_optimizer = self._make_dp_optimizer()
         setattr(model, _OWNED, True)
@@ -129,7 +154,7 @@ class PrivateTraining:
     def data_loader(self) -> DataLoader:
         """A Poisson-sampled loader like the one a round uses (fresh randomness; for inspection:
         iterating it yourself trains without charging anything)."""
-        return self._loader(torch.Generator().manual_seed(self._seed_for("inspect", "-")))
+        return self._loader(torch.Generator().manual_seed(self._seed_for("inspect", "-", "-")))
 
     def epsilon(self, delta: float | None = None) -> float:
         """Epsilon after all rounds so far at ``delta`` (default: the config's delta).
@@ -150,7 +175,10 @@ class PrivateTraining:
 
         Raises PrivacyBudgetExceeded before any record is read when the round would exceed the
         ledger's budget or the calibrated ``target_epsilon``; ConfigError for a reused
-        ``round_id`` or a loss of the wrong shape; PrivacyError for a NaN/inf loss or update.
+        ``round_id``, a loss of the wrong shape or one that couples records, or a model whose
+        per-sample gradients do not have one row per record; PrivacyError for a NaN/inf loss or
+        update, or a clipped sum longer than its per-sample norms allow. A round that fails after
+        its charge keeps it, and the model is restored to the start of the round.
         """
         if self._hooks is None and self._clipper is None:
             raise ConfigError("this PrivateTraining was closed; it can train no more rounds")
@@ -162,14 +190,17 @@ class PrivateTraining:
                               "new round_id (a failed round keeps its charge: retry it under a new id)")
         event = self.plan.round_event()
         entry = self._charge(event, key)
+        serial = f"seq={entry.seq}" if entry is not None else f"index={len(self._rounds)}"
         self._rounds.append((key, event))
         snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         try:
-            steps, batches, loss_sum, seen = self._run(loss_fn, key, unpack_batch or as_pair)
+            steps, batches, loss_sum, seen = self._run(loss_fn, key, serial, unpack_batch or as_pair)
         except BaseException:
             self.model.load_state_dict(snapshot)
             self._reset_gradients()
             raise
+        finally:
+            checks.clear_training_state(self.model)  # nothing of the round stays on the model
         if steps != event.steps:
             raise PrivacyError(f"round {key!r} ran {steps} optimizer steps but charged {event.steps}")
         return RoundReport(round_id=key, steps=steps, physical_batches=batches, event=event,
@@ -182,31 +213,13 @@ class PrivateTraining:
         Save it after every round and pass it to :meth:`load_state_dict` after a restart so the
         next round composes with the earlier ones. (Model and optimizer state are yours to save.)
         """
-        return {"format": _STATE_FORMAT, "version": _STATE_VERSION, "plan": self._plan_record(),
-                "rounds": [{"round_id": key, "event": event.to_record()} for key, event in self._rounds]}
+        return training_state(self.plan, self._rounds)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue the composition saved by :meth:`state_dict` (only before the first round)."""
-        if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
-            raise ConfigError("not a securefed DP-SGD state: pass what PrivateTraining.state_dict() returned")
-        if state.get("version") != _STATE_VERSION:
-            raise ConfigError(f"unsupported DP-SGD state version {state.get('version')!r}; "
-                              f"this securefed reads version {_STATE_VERSION}")
         if self._rounds:
             raise ConfigError("load_state_dict must come before the first train_round of this object")
-        saved, current = state.get("plan"), self._plan_record()
-        if saved != current:
-            diff = sorted(k for k in current if not isinstance(saved, Mapping) or saved.get(k) != current[k])
-            raise ConfigError(f"the saved training had a different plan ({', '.join(diff)} differ: saved "
-                              f"{saved!r}, now {current!r}); rebuild with the same config and dataset")
-        rounds = state.get("rounds")
-        if not isinstance(rounds, list) or not all(isinstance(r, Mapping) and {"round_id", "event"} <= set(r)
-                                                   for r in rounds):
-            raise ConfigError("DP-SGD state lacks its list of rounds (each with round_id and event)")
-        restored = [(str(r["round_id"]), event_from_record(r["event"])) for r in rounds]
-        if any(not isinstance(event, PoissonSampledGaussian) for _, event in restored):
-            raise ConfigError("DP-SGD state holds an event that is not a PoissonSampledGaussian")
-        self._rounds = restored
+        self._rounds = restore_rounds(state, self.plan)
 
     def close(self) -> None:
         """Remove the per-sample gradient hooks and marks, leaving a plain model (no more rounds)."""
@@ -216,6 +229,7 @@ class PrivateTraining:
         if self._clipper is not None:
             self._clipper.remove()
             self._clipper = None
+        checks.clear_training_state(self.model)
         for p in self._trainable:
             for attr in ("grad_sample", "summed_grad"):
                 if hasattr(p, attr):
@@ -224,11 +238,6 @@ class PrivateTraining:
             delattr(self.model, _OWNED)
 
     # ----------------------------------------------------------------- charging
-    def _plan_record(self) -> dict[str, Any]:
-        p = self.plan
-        return {"dataset_size": p.dataset_size, "batch_size": p.batch_size, "sample_rate": p.sample_rate,
-                "steps_per_round": p.steps_per_round, "noise_multiplier": p.noise_multiplier}
-
     def _charge(self, event: PoissonSampledGaussian, key: str) -> Any:
         if not self._distributed:
             return self._charge_here(event, key)
@@ -250,23 +259,33 @@ class PrivateTraining:
         return outcome[1]
 
     def _charge_here(self, event: PoissonSampledGaussian, key: str) -> Any:
+        if self.ledger is not None and key in checks.dp_sgd_round_ids(self.ledger):
+            raise ConfigError(f"the ledger already holds a DP-SGD charge for round {key!r} (from this or an "
+                              "earlier run); every round needs a new round_id")
         if self.plan.calibrated:
+            # This object's rounds, and the ledger's DP-SGD charges: a fresh object after a restart
+            # (without load_state_dict) still sees what the ledger holds.
+            histories = [list(self.events)]
+            if self.ledger is not None:
+                histories.append(checks.dp_sgd_events(self.ledger))
             target = float(self.config.target_epsilon)
-            after = compose_epsilon([*self.events, event], delta=self.plan.delta, accountant=self.plan.accountant)
+            after = max(compose_epsilon([*history, event], delta=self.plan.delta, accountant=self.plan.accountant)
+                        for history in histories)
             if after > target:
                 raise PrivacyBudgetExceeded(
-                    f"round {key!r} would make this training's epsilon {after:.4g} > target_epsilon "
-                    f"{target:g} (delta={self.plan.delta:g}), which was calibrated for planned_rounds="
-                    f"{self.plan.planned_rounds}; {len(self._rounds)} rounds are done. Stop here, or plan "
-                    "more rounds from the start (more noise per round)")
+                    f"round {key!r} would make the DP-SGD epsilon {after:.4g} > target_epsilon {target:g} "
+                    f"(delta={self.plan.delta:g}; this training's rounds and the ledger's DP-SGD charges "
+                    f"count), which was calibrated for planned_rounds={self.plan.planned_rounds}; "
+                    f"{max(len(h) for h in histories)} rounds are done. Stop here, or plan more rounds "
+                    "from the start (more noise per round)")
         if self.ledger is None:
             return None
         note = f"{_NOTE}: {event.steps} steps, q={event.sample_rate:.6g}, z={event.noise_multiplier:.6g}"
         return self.ledger.charge(event, round_id=key, note=note)
 
     # ----------------------------------------------------------------- training
-    def _seed_for(self, purpose: str, key: str) -> int:
-        label = f"securefed/dpsgd/{purpose}/round={key}/rank={self._rank}"
+    def _seed_for(self, purpose: str, key: str, serial: str) -> int:
+        label = f"securefed/dpsgd/{purpose}/round={key}/{serial}/rank={self._rank}"
         source = SystemRandom() if self._seed is None else SeededRandom(self._seed).fork(label)
         return int.from_bytes(source.random_bytes(8), "little") >> 1
 
@@ -293,18 +312,13 @@ class PrivateTraining:
         self._steps_taken += 1
 
     def _reset_gradients(self) -> None:
-        # A failed round may leave partial sums, queued split signals and, after a forward with no
-        # backward, Opacus' stored activations and forward counters: start over clean.
-        for p in self._trainable:
-            p.grad, p.summed_grad = None, None
+        # A failed round may leave partial sums, queued split signals, disabled hooks and, after
+        # a forward with no backward, recorded activations and forward counters: start over clean.
+        checks.clear_training_state(self.model)
         if self._clipper is not None:
             self._clipper.clear()
-        if self._hooks is not None:
+        if self._hooks is not None:  # they may have been left disabled
             self._hooks.cleanup()
-            for module in self.model.modules():
-                for attr in ("activations", "max_batch_len"):
-                    if hasattr(module, attr):
-                        delattr(module, attr)
             self._hooks = self._make_hooks()
         self._dp_optimizer = self._make_dp_optimizer()
 
@@ -318,34 +332,61 @@ class PrivateTraining:
                                     optimizer=self._dp_optimizer) as split:
                 yield split
 
-    def _run(self, loss_fn: Callable[[Any, Any], torch.Tensor], key: str,
+    def _run(self, loss_fn: Callable[[Any, Any], torch.Tensor], key: str, serial: str,
              unpack: Callable[[Any], tuple[Any, Any]]) -> tuple[int, int, float, int]:
-        self._dp_optimizer.generator = torch.Generator(device=self.device).manual_seed(self._seed_for("noise", key))
-        loader = self._loader(torch.Generator().manual_seed(self._seed_for("sampling", key)))
+        self._dp_optimizer.generator = torch.Generator(device=self.device).manual_seed(
+            self._seed_for("noise", key, serial))
+        loader = self._loader(torch.Generator().manual_seed(self._seed_for("sampling", key, serial)))
+        checks.clear_training_state(self.model)  # whatever ran outside a round stays out of it
         if self._clipper is not None:
-            self._clipper.clear()  # forwards outside a round (evaluation) left records behind
+            self._clipper.clear()
         self.model.train()
-        forward = self._ddp if self._ddp is not None else self.model
+        self._loss_probed = False
         start, batches, loss_sum, seen = self._steps_taken, 0, 0.0, 0
+        failure: BaseException | None = None  # distributed: held until the ranks agree
         with self._physical_batches(loader) as physical:
             for batch in physical:
                 batches += 1
-                size = leading_size(batch)
-                if size == 0:
-                    self._empty_backward()
-                else:
-                    inputs, targets = unpack(to_device(batch, self.device))
-                    losses = loss_fn(forward(inputs), targets)
-                    total = self._backward(losses, size, key)
-                    loss_sum, seen = loss_sum + total, seen + size
+                stepping = not self._dp_optimizer._check_skip_next_step(pop_next=False)
+                if failure is None:
+                    try:
+                        total, size = self._process(batch, loss_fn, key, unpack)
+                        loss_sum, seen = loss_sum + total, seen + size
+                    except Exception as exc:
+                        if not self._distributed:
+                            raise
+                        failure = exc
+                if self._distributed and stepping:
+                    checks.ranks_agree(failure, key=key, device=self.device)
+                if failure is not None:  # a failed rank walks on to the next noised step, then raises
+                    self._dp_optimizer._check_skip_next_step(pop_next=True)
+                    continue
                 before = self._steps_taken
                 self._dp_optimizer.step()
                 self._dp_optimizer.zero_grad(set_to_none=True)
                 if self._steps_taken != before:
-                    self._check_parameters(key, self._steps_taken - start)
+                    checks.check_finite_parameters(self._trainable, key=key, step=self._steps_taken - start)
         return self._steps_taken - start, batches, loss_sum, seen
 
-    def _backward(self, losses: object, size: int, key: str) -> float:
+    def _process(self, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor], key: str,
+                 unpack: Callable[[Any], tuple[Any, Any]]) -> tuple[float, int]:
+        size = leading_size(batch)
+        if size == 0:
+            self._empty_backward()
+            return 0.0, 0
+        inputs, targets = unpack(to_device(batch, self.device))
+        try:
+            outputs = (self._ddp if self._ddp is not None else self.model)(inputs)
+        except NotImplementedError as exc:  # Opacus' ghost hooks refuse a layer that runs twice
+            if self.clipping is not ClippingMode.GHOST:
+                raise
+            raise ConfigError(f"clipping='ghost' cannot train this model ({exc}): a layer runs more than once "
+                              "per forward pass or shares its parameter; use clipping='fast' or 'per-sample' "
+                              f"(the model was restored and round {key!r} keeps its charge)") from exc
+        return self._backward(loss_fn(outputs, targets), loss_fn, outputs, targets, size, key), size
+
+    def _backward(self, losses: object, loss_fn: Callable[[Any, Any], Any], outputs: Any, targets: Any,
+                  size: int, key: str) -> float:
         per_sample = isinstance(losses, torch.Tensor) and losses.shape == (size,)
         scalar = isinstance(losses, torch.Tensor) and losses.dim() == 0
         if not (per_sample or scalar):
@@ -362,15 +403,24 @@ class PrivateTraining:
             raise PrivacyError(f"the loss of round {key!r} is {total} (NaN or infinite): check the inputs "
                                "for NaN/inf and lower the learning rate; the model was restored to the start "
                                "of the round and the round keeps its charge, so retry under a new round_id")
+        if not self._loss_probed and size >= 2:  # once per round, before anything is released
+            checks.check_losses_separable(loss_fn, outputs, targets, losses, size=size, key=key)
+            self._loss_probed = True
+        bound = float(self.config.max_grad_norm)
         with warnings.catch_warnings():
             # Opacus' hooks fire on module outputs when the input needs no gradient, as intended.
             warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
             if self.clipping is ClippingMode.PER_SAMPLE:
                 (losses.mean() if per_sample else losses).backward()
-            elif self.clipping is ClippingMode.GHOST:
-                DPTensorFastGradientClipping(self._hooks, self._dp_optimizer, losses, "mean").backward()
+                checks.per_sample_rows(self._named, size, key)
+                return total
+            if self.clipping is ClippingMode.GHOST:
+                norms, coefficients = checks.ghost_backward(self._hooks, self._named, losses,
+                                                            max_grad_norm=bound, key=key)
             else:
-                self._clipper.backward(losses)
+                norms = self._clipper.backward(losses)
+                coefficients = (bound / norms).clamp(max=1.0)  # as the engine clipped
+        checks.check_release_bound(self._named, norms, coefficients, max_grad_norm=bound, key=key)
         return total
 
     def _empty_backward(self) -> None:
@@ -381,58 +431,26 @@ class PrivateTraining:
             elif p.grad is None:
                 p.grad = torch.zeros_like(p)
 
-    def _check_parameters(self, key: str, step: int) -> None:
-        finite = torch.stack([torch.isfinite(p).all() for p in self._trainable]).all() if self._trainable else True
-        if not bool(finite):
-            raise PrivacyError(f"step {step} of round {key!r} produced NaN or infinite parameters (the "
-                               "gradients were not finite): lower the learning rate or check the model for "
-                               "unstable operations; the model was restored to the start of the round and "
-                               "the round keeps its charge, so retry under a new round_id")
-
-
-def _optimizer_for(model: torch.nn.Module, optimizer: object, problems: list[str]) -> Any:
-    if isinstance(optimizer, DPOptimizer):
-        problems.append("pass the plain torch optimizer, not an Opacus DPOptimizer: make_private wraps it")
-        return None
-    if isinstance(optimizer, torch.optim.Optimizer):
-        owned = {id(p) for p in model.parameters()}
-        if any(id(p) not in owned for g in optimizer.param_groups for p in g["params"]):
-            problems.append("the optimizer holds parameters that are not the model's; build it from "
-                            "model.parameters() or pass a factory such as lambda ps: torch.optim.SGD(ps, lr=0.1)")
-        return optimizer
-    if callable(optimizer):
-        return optimizer
-    problems.append(f"optimizer must be a torch.optim.Optimizer or a factory taking the trainable "
-                    f"parameters, got {type(optimizer).__name__}")
-    return None
-
-
-def _choose_clipping(model: torch.nn.Module, config: DPSGDConfig) -> tuple[ClippingMode, Any]:
-    """The clipping mode to run, and securefed's engine attached to ``model`` when it is FAST."""
-    if config.clipping in (ClippingMode.PER_SAMPLE, ClippingMode.GHOST):
-        return config.clipping, None
-    if config.clipping is ClippingMode.AUTO and config.distributed:
-        return ClippingMode.PER_SAMPLE, None
-    try:
-        return ClippingMode.FAST, BookKeepingClipper(model, max_grad_norm=float(config.max_grad_norm))
-    except ConfigError:
-        if config.clipping is ClippingMode.FAST:
-            raise
-        return ClippingMode.PER_SAMPLE, None  # a layer the engine cannot handle: Opacus' hooks can
 
 
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer | OptimizerFactory,
                  data: Dataset | DataLoader, *, config: DPSGDConfig, ledger: PrivacyLedger | None = None,
-                 seed: int | bytes | str | None = None) -> PrivateTraining:
+                 seed: int | bytes | str | None = None, example_input: torch.Tensor | None = None
+                 ) -> PrivateTraining:
     """Make a site's model, optimizer and data private for DP-SGD across federated rounds.
 
-    ``optimizer`` is an optimizer over the model's parameters or a factory called with the
-    trainable parameters once the model is on its device. ``data`` is a map-style Dataset or a
-    DataLoader over one (its collate function, workers and pinning are kept; its batch size,
-    sampler and shuffling are replaced by Poisson sampling at ``config.batch_size``). ``ledger``
-    is a :class:`~securefed.privacy.ledger.PrivacyLedger` charged before every round; its budget
-    delta must equal ``config.delta``. ``seed`` makes sampling and noise reproducible (simulation
-    only). Every problem with the arguments is reported in one ConfigError.
+    ``optimizer`` is an optimizer over ALL the model's trainable parameters (freeze the others with
+    ``requires_grad_(False)``) or a factory called with the trainable parameters once the model is
+    on its device. ``data`` is a map-style Dataset or a DataLoader over one (its collate function,
+    workers and pinning are kept; its batch size, sampler and shuffling are replaced by Poisson
+    sampling at ``config.batch_size``). ``ledger`` is a
+    :class:`~securefed.privacy.ledger.PrivacyLedger` charged before every round; its budget delta
+    must equal ``config.delta``. ``seed`` makes sampling and noise reproducible (simulation only).
+    ``example_input``, a batch of at least two inputs, runs a trial step on a copy of the model
+    (:func:`~securefed.privacy.model_compat.check_dp_compatible`; for GHOST also a count of layer
+    calls) so that a model DP-SGD cannot clip correctly is refused before anything is charged.
+    Every problem with the arguments is reported in one ConfigError. The model's gradients are
+    cleared.
     """
     problems: list[str] = []
     if not isinstance(config, DPSGDConfig):
@@ -450,15 +468,10 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Opti
         poisson_data = PoissonData(data)
     except ConfigError as exc:
         problems.extend(exc.problems)
-    opt = _optimizer_for(model, optimizer, problems) if isinstance(model, torch.nn.Module) else None
+    opt = checks.optimizer_for(model, optimizer, problems) if isinstance(model, torch.nn.Module) else None
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, bytes, str))):
         problems.append(f"seed must be None, an int, bytes or a str, got {type(seed).__name__}")
-    if ledger is not None and ledger.budget.delta != config.delta:
-        problems.append(f"config.delta={config.delta:g} differs from the ledger's budget delta "
-                        f"{ledger.budget.delta:g}; use the same delta so calibration and the ledger agree")
-    if ledger is not None and ledger.accountant is not config.accountant:
-        problems.append(f"config.accountant={config.accountant.value!r} differs from the ledger's accountant "
-                        f"{ledger.accountant.value!r}; use the same one so calibration and the ledger agree")
+    problems.extend(checks.ledger_problems(ledger, config) if ledger is not None else [])
     if config.distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         problems.append("distributed=True needs torch.distributed initialised: launch with torchrun "
                         "--nproc_per_node=K and call torch.distributed.init_process_group first")
@@ -469,10 +482,8 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Opti
         except ConfigError as exc:
             problems.extend(exc.problems)
     if isinstance(model, torch.nn.Module):
-        try:
-            require_dp_compatible(model)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
+        ghost = config.clipping is ClippingMode.GHOST
+        problems.extend(checks.model_problems(model, ghost=ghost, example_input=example_input))
     try:
         device = resolve_device(config.device, distributed=config.distributed)
     except ConfigError as exc:
@@ -481,7 +492,8 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Opti
         raise ConfigError(problems)
     model.to(device)
     if not isinstance(opt, torch.optim.Optimizer):
-        opt = opt([p for p in model.parameters() if p.requires_grad])
-    clipping, clipper = _choose_clipping(model, config)
+        opt = checks.optimizer_from_factory(model, opt)
+    checks.clear_training_state(model)  # a non-private backward before this call must not leak
+    clipping, clipper = checks.choose_clipping(model, config)
     return PrivateTraining(model=model, optimizer=opt, data=poisson_data, plan=plan,
                            config=config, device=device, clipping=clipping, clipper=clipper, ledger=ledger, seed=seed)

@@ -13,13 +13,15 @@ multiplier, sample rate and steps-per-round that every round of this training us
 
 :class:`DPSGDConfig` validates itself on construction and reports every problem at once; the
 checks that need the dataset size (``delta < 1/n``, ``batch_size <= n``) run in
-:func:`plan_training`. The torch side lives in :mod:`securefed.privacy.dpsgd`.
+:func:`plan_training`. :func:`training_state` / :func:`restore_rounds` carry a training's charged
+rounds over a process restart. The torch side lives in :mod:`securefed.privacy.dpsgd`.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -27,7 +29,7 @@ from typing import Any
 from ..errors import ConfigError, PrivacyError
 from .accounting import AccountantKind, accountant_kind, compose_epsilon
 from .calibration import noise_multiplier_for
-from .events import PoissonSampledGaussian, PrivacyUnit
+from .events import PoissonSampledGaussian, PrivacyUnit, event_from_record
 
 __all__ = [
     "ClippingMode",
@@ -36,6 +38,8 @@ __all__ = [
     "TrainingPlan",
     "plan_training",
     "RoundReport",
+    "training_state",
+    "restore_rounds",
 ]
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -44,6 +48,8 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # is far more than that ever needs.
 _MAX_NUDGES = 50
 _NUDGE = 1.001
+_STATE_FORMAT = "securefed-dpsgd-state"
+_STATE_VERSION = 1
 
 
 class ClippingMode(Enum):
@@ -273,3 +279,36 @@ class RoundReport:
     delta: float
     mean_loss: float
     ledger_entry: Any = None
+
+
+def _plan_record(plan: TrainingPlan) -> dict[str, Any]:
+    return {"dataset_size": plan.dataset_size, "batch_size": plan.batch_size, "sample_rate": plan.sample_rate,
+            "steps_per_round": plan.steps_per_round, "noise_multiplier": plan.noise_multiplier}
+
+
+def training_state(plan: TrainingPlan, rounds: list[tuple[str, PoissonSampledGaussian]]) -> dict[str, Any]:
+    """A training's plan and charged rounds as plain JSON types (``PrivateTraining.state_dict``)."""
+    return {"format": _STATE_FORMAT, "version": _STATE_VERSION, "plan": _plan_record(plan),
+            "rounds": [{"round_id": key, "event": event.to_record()} for key, event in rounds]}
+
+
+def restore_rounds(state: Any, plan: TrainingPlan) -> list[tuple[str, PoissonSampledGaussian]]:
+    """The rounds saved by :func:`training_state`, after checking they belong to ``plan``."""
+    if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
+        raise ConfigError("not a securefed DP-SGD state: pass what PrivateTraining.state_dict() returned")
+    if state.get("version") != _STATE_VERSION:
+        raise ConfigError(f"unsupported DP-SGD state version {state.get('version')!r}; "
+                          f"this securefed reads version {_STATE_VERSION}")
+    saved, current = state.get("plan"), _plan_record(plan)
+    if saved != current:
+        diff = sorted(k for k in current if not isinstance(saved, Mapping) or saved.get(k) != current[k])
+        raise ConfigError(f"the saved training had a different plan ({', '.join(diff)} differ: saved "
+                          f"{saved!r}, now {current!r}); rebuild with the same config and dataset")
+    rounds = state.get("rounds")
+    if not isinstance(rounds, list) or not all(isinstance(r, Mapping) and {"round_id", "event"} <= set(r)
+                                               for r in rounds):
+        raise ConfigError("DP-SGD state lacks its list of rounds (each with round_id and event)")
+    restored = [(str(r["round_id"]), event_from_record(r["event"])) for r in rounds]
+    if any(not isinstance(event, PoissonSampledGaussian) for _, event in restored):
+        raise ConfigError("DP-SGD state holds an event that is not a PoissonSampledGaussian")
+    return restored

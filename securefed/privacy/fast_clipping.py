@@ -25,9 +25,12 @@ per-sample gradient of the whole model is ever held and memory stays O(activatio
 
 Requirements: the model is DP-compatible (no BatchNorm; no in-place op on a layer's input after
 the layer ran; :func:`securefed.privacy.model_compat.make_dp_compatible`), batch first, and every
-trainable parameter is used only by the layer that owns it (no weight tying: a use elsewhere
-would be missed). Forward passes with gradients on record inputs until the next ``backward``
-(or ``clear()``); ones the loss does not depend on are ignored. Use::
+trainable parameter is used only by the layer that owns it (a use elsewhere is not clipped, so
+it is left out of the sum). Two layers sharing a parameter (weight tying: each use would be
+clipped on its own, up to k C per sample) and a layer whose weight is computed from other
+parameters (``weight_norm``, parametrizations) are refused at construction. Forward passes with
+gradients on record inputs until the next ``backward`` (or ``clear()``); ones the loss does not
+depend on are ignored. Use::
 
     clipper = BookKeepingClipper(model, max_grad_norm=C)
     optimizer.zero_grad()
@@ -73,7 +76,7 @@ from .fast_clipping_layers import (
     Record,
 )
 
-__all__ = ["BookKeepingClipper", "LayerPlan", "SUPPORTED_LAYERS", "add_noise_", "choose_plan"]
+__all__ = ["BookKeepingClipper", "LayerPlan", "SUPPORTED_LAYERS", "add_noise_", "choose_plan", "foreign_parameters"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -111,6 +114,17 @@ def _rule_for(module: nn.Module) -> LayerRule | str:
                         "gradients; use scale_grad_by_freq=False")
             return rule(module)
     return f"{type(module).__name__} is not a supported layer type"
+
+
+def foreign_parameters(module: nn.Module) -> str:
+    """What about ``module``'s parameters its rule would miss ('' if nothing): a rule computes the
+    gradients of the leaf ``weight`` and ``bias`` Parameters the layer owns, and of nothing else."""
+    extra = [n for n, p in module.named_parameters(recurse=False) if n not in ("weight", "bias")]
+    computed = [n for n in ("weight", "bias") if isinstance(getattr(module, n, None), torch.Tensor)
+                and getattr(module, n).requires_grad and module._parameters.get(n) is not getattr(module, n)]
+    parts = [f"parameters {extra}"] if extra else []
+    parts += [f"a computed {n!r}" for n in computed]
+    return " and ".join(parts)
 
 
 def choose_plan(costs: LayerCosts) -> LayerPlan:
@@ -165,6 +179,7 @@ class BookKeepingClipper:
             raise ConfigError(problems + [f"module must be a torch.nn.Module, got {type(module).__name__}"])
         self._names: list[str] = []
         self._rules: list[LayerRule] = []
+        owners: dict[int, list[str]] = {}
         for name, sub in module.named_modules():
             label = name or "(the model itself)"
             if isinstance(sub, _BatchNorm):
@@ -178,9 +193,21 @@ class BookKeepingClipper:
             rule = _rule_for(sub)
             if isinstance(rule, str):
                 problems.append(f"layer {label!r} has trainable parameters but {rule}; {_FALLBACK}")
-            else:
-                self._names.append(label)
-                self._rules.append(rule)
+                continue
+            foreign = foreign_parameters(sub)
+            if foreign:
+                problems.append(f"layer {label!r} has {foreign}, not the leaf weight/bias its rule differentiates "
+                                f"(weight_norm or a parametrization?); {_FALLBACK}")
+                continue
+            for p in sub.parameters(recurse=False):
+                if p.requires_grad:
+                    owners.setdefault(id(p), []).append(label)
+            self._names.append(label)
+            self._rules.append(rule)
+        problems.extend(f"layers {', '.join(map(repr, labels))} share a trainable parameter (weight tying): "
+                        "each use would be clipped on its own, so a sample could contribute more than "
+                        f"max_grad_norm; untie them, or {_FALLBACK}"
+                        for labels in owners.values() if len(labels) > 1)
         if not self._rules and not problems:
             problems.append("module has no trainable parameters: nothing to clip")
         if problems:

@@ -5,26 +5,44 @@ records one mechanism execution (round, mechanism parameters, accountant, epsilo
 after composition, time), is hash-chained to the row before it and signed with the site's
 Ed25519 identity (Schneier and Kelsey's secure audit logs, 1999; Crosby and Wallach's
 tamper-evident logging, 2009). Anyone holding the site's public key can then detect an edited,
-deleted or reordered entry, a chain re-signed under another key, or an edited budget. Cutting
-entries off the end is invisible to a hash chain alone; a site that publishes :meth:`head`
-after each round lets an auditor detect that too (``verify(expected_head=...)``).
+deleted or reordered entry, a chain re-signed under another key, or an edited budget.
+
+What a hash chain cannot detect is a rollback: the whole file replaced by an older copy, or its
+tail cut off, leaves a shorter chain that verifies. Each ledger carries a random ``ledger_id``
+in its signed genesis entry, so it cannot be swapped for another ledger of the same site
+(``expected_ledger_id``), and :meth:`PrivacyLedger.head` is a signed checkpoint of the whole
+chain. **The site runtime must persist its head outside the ledger file (and publish it to the
+federation or an auditor) after every charge and settle, and pass it back as
+``expected_head`` to** :meth:`PrivacyLedger.open`, :meth:`PrivacyLedger.read` **and**
+:func:`verify_ledger_file`; without it, deleting entries lets a site spend its budget again.
+
+What the budget bounds: the ledger composes record-level events (``PrivacyUnit.RECORD``,
+DP-SGD at the site) and site-level events (``PrivacyUnit.SITE``, noise on the federation's
+aggregate) into one epsilon at the budget's delta. A site-level guarantee implies the same
+guarantee for each record of the site, so the composed total upper-bounds the per-patient
+(record-level) privacy loss; composing both never under-counts. That per-patient total is
+what the budget limits.
 
 Budget enforcement is check-then-commit under SQLite's write lock: :meth:`PrivacyLedger.charge`
 composes every effective event plus the new one at the budget's delta and refuses with
 :class:`PrivacyBudgetExceeded`, writing nothing, if the result exceeds the budget. Callers
 charge *before* running the mechanism, and every execution that touched data stays charged
 even if its round later aborted: the ledger may over-count (a process killed between the commit
-and the mechanism), never under-count. :meth:`settle` records what actually ran when that is
-known only afterwards, for instance distributed discrete Gaussian noise (Kairouz, Liu and
-Steinke 2021) from more surviving sites than the worst case charged; the settled event then
-replaces the charged one in the composition, and a settle is never refused, since the data was
-already touched.
+and the mechanism), never under-count. :meth:`PrivacyLedger.settle` records what actually ran
+when that is known only afterwards, within the rules of :mod:`.ledger_settle`: fewer DP-SGD
+steps than charged, or distributed discrete Gaussian noise (Kairouz, Liu and Steinke 2021) from
+more surviving sites than the worst case charged, up to the cohort fixed at charge time. A
+settle can only lower the spend, and the verifier applies the same rules to every signed settle.
 
 Verification recomputes every entry's spend from the events (a regulator can re-check the
 arithmetic) using the budget and accountant from the signed genesis entry, but only ever trusts
-the public key the caller supplies: a key stored in the file proves nothing. Storage details
-live in :mod:`.ledger_store`, the row encoding in :mod:`.ledger_records` and the checks in
-:mod:`.ledger_chain`.
+the public key the caller supplies: a key stored in the file proves nothing.
+
+Backups: committed entries may sit in the ``-wal`` file next to the database until SQLite
+checkpoints them, so copy a live ledger with :meth:`PrivacyLedger.backup` (SQLite's backup API),
+never by copying the database file alone. Storage details live in :mod:`.ledger_store`, the row
+encoding (the exact hashing and signing format) in :mod:`.ledger_codec`, the records in
+:mod:`.ledger_records` and the checks in :mod:`.ledger_chain`.
 """
 
 from __future__ import annotations
@@ -36,15 +54,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
-from ..errors import ConfigError, LedgerIntegrityError, PrivacyBudgetExceeded, PrivacyError
+from ..errors import ConfigError, LedgerIntegrityError, PrivacyBudgetExceeded
 from ..primitives.identity import PublicIdentity, SiteIdentity
+from ..primitives.randomness import RandomSource, SystemRandom
 from .accounting import AccountantKind, accountant_kind
 from .events import PrivacyEvent
 from .ledger_chain import ChainVerifier
+from .ledger_codec import COLUMNS, entry_digest
 from .ledger_records import (
-    COLUMNS,
     FORMAT_VERSION,
     GENESIS_PREV_HASH,
+    LEDGER_ID_BYTES,
     MAX_NOTE_LENGTH,
     MAX_ROUND_ID_LENGTH,
     EntryKind,
@@ -56,13 +76,13 @@ from .ledger_records import (
     PrivacySpend,
     ProblemKind,
     canonical_json,
-    entry_digest,
     integrity_error,
     is_privacy_event,
     signed_message,
     within_budget,
 )
 from .ledger_store import LedgerExistsError, LedgerStore
+from .ledger_verify import DEFAULT_BUSY_TIMEOUT_S, check_expectations, verify_ledger_file, verify_store
 
 __all__ = [
     "EntryKind",
@@ -78,7 +98,6 @@ __all__ = [
 ]
 
 Clock = Callable[[], datetime]
-_DEFAULT_BUSY_TIMEOUT_S = 30.0
 
 
 def _utc_now() -> datetime:
@@ -99,6 +118,12 @@ def _check_text(name: str, value: object, limit: int, problems: list[str], *, re
         problems.append(f"{name} must not be empty")
     elif len(value) > limit:
         problems.append(f"{name} is {len(value)} characters; the limit is {limit}")
+    else:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            problems.append(f"{name} holds a lone surrogate ({value[error.start]!r} at position "
+                            f"{error.start}), which is not text; pass a valid Unicode string")
 
 
 def _check_event(event: object, problems: list[str]) -> None:
@@ -139,8 +164,12 @@ class PrivacyLedger:
     @classmethod
     def create(cls, path: str | os.PathLike[str], *, identity: SiteIdentity, budget: PrivacyBudget,
                accountant: str | AccountantKind = "rdp", clock: Clock | None = None,
-               busy_timeout_s: float = _DEFAULT_BUSY_TIMEOUT_S) -> PrivacyLedger:
-        """Create a new ledger at ``path`` (never overwriting a file) and open it for writing."""
+               busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S, rng: RandomSource | None = None) -> PrivacyLedger:
+        """Create a new ledger at ``path`` (never overwriting a file) and open it for writing.
+
+        Its ``ledger_id`` comes from ``rng`` (the operating system's by default; pass a seeded
+        source only to reproduce a ledger in tests).
+        """
         problems: list[str] = []
         if not isinstance(identity, SiteIdentity):
             problems.append(f"identity must be a SiteIdentity, got {type(identity).__name__}")
@@ -154,7 +183,8 @@ class PrivacyLedger:
             raise ConfigError(problems)
         clock = clock or _utc_now
         public = identity.public()
-        genesis = LedgerGenesis(format_version=FORMAT_VERSION, site=public.name,
+        ledger_id = (rng or SystemRandom()).random_bytes(LEDGER_ID_BYTES).hex()
+        genesis = LedgerGenesis(format_version=FORMAT_VERSION, ledger_id=ledger_id, site=public.name,
                                 verify_key=public.verify_key, budget=budget, accountant=kind)
         row = _sealed_row(
             identity, seq=0, kind=EntryKind.GENESIS.value, round_id="", event=None,
@@ -162,33 +192,53 @@ class PrivacyLedger:
             note="", settles=None, genesis=genesis.to_json(), prev_hash=GENESIS_PREV_HASH,
         )
         LedgerStore.create(path, row)
-        return cls.open(path, identity=identity, clock=clock, busy_timeout_s=busy_timeout_s)
+        return cls.open(path, identity=identity, clock=clock, busy_timeout_s=busy_timeout_s,
+                        expected_ledger_id=ledger_id)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, identity: SiteIdentity, clock: Clock | None = None,
-             busy_timeout_s: float = _DEFAULT_BUSY_TIMEOUT_S) -> PrivacyLedger:
-        """Open an existing ledger for writing after verifying all of it under ``identity``'s key."""
+             busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S, expected_head: LedgerHead | None = None,
+             expected_ledger_id: str | None = None) -> PrivacyLedger:
+        """Open an existing ledger for writing after verifying all of it under ``identity``'s key.
+
+        Pass the head persisted after the last charge as ``expected_head`` (and the ledger's id
+        as ``expected_ledger_id``): only they reveal a ledger rolled back to an older copy.
+        """
         if not isinstance(identity, SiteIdentity):
             raise ConfigError(f"identity must be a SiteIdentity, got {type(identity).__name__}")
         return cls._open_verified(path, identity.public(), identity=identity, clock=clock or _utc_now,
-                                  busy_timeout_s=busy_timeout_s)
+                                  busy_timeout_s=busy_timeout_s, expected_head=expected_head,
+                                  expected_ledger_id=expected_ledger_id)
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike[str], *, identity: SiteIdentity,
                        budget: PrivacyBudget, accountant: str | AccountantKind = "rdp",
-                       clock: Clock | None = None,
-                       busy_timeout_s: float = _DEFAULT_BUSY_TIMEOUT_S) -> PrivacyLedger:
-        """Open the ledger at ``path``, creating it if absent; its budget must be ``budget``."""
+                       clock: Clock | None = None, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+                       expected_head: LedgerHead | None = None,
+                       expected_ledger_id: str | None = None) -> PrivacyLedger:
+        """Open the ledger at ``path``, creating it if absent; its budget must be ``budget``.
+
+        With an expected head or ledger id the ledger existed before, so a missing file is
+        refused rather than replaced by a fresh, unspent one.
+        """
         kind = accountant_kind(accountant)
         if not isinstance(budget, PrivacyBudget):
             raise ConfigError(f"budget must be a PrivacyBudget, got {type(budget).__name__}")
+        check_expectations(expected_head=expected_head, expected_ledger_id=expected_ledger_id)
         if not Path(path).exists():
+            if expected_head is not None or expected_ledger_id is not None:
+                raise LedgerIntegrityError(
+                    f"privacy ledger {path} is missing, but this site's ledger was created earlier "
+                    "(a head or ledger id is expected); restore it from a backup: creating a new one "
+                    "would reset the site's spend"
+                )
             try:
                 return cls.create(path, identity=identity, budget=budget, accountant=accountant,
                                   clock=clock, busy_timeout_s=busy_timeout_s)
             except LedgerExistsError:
                 pass  # another process created it first; open theirs below
-        ledger = cls.open(path, identity=identity, clock=clock, busy_timeout_s=busy_timeout_s)
+        ledger = cls.open(path, identity=identity, clock=clock, busy_timeout_s=busy_timeout_s,
+                          expected_head=expected_head, expected_ledger_id=expected_ledger_id)
         problems: list[str] = []
         if ledger.budget != budget:
             problems.append(
@@ -207,19 +257,24 @@ class PrivacyLedger:
 
     @classmethod
     def read(cls, path: str | os.PathLike[str], *, public_key: PublicIdentity,
-             busy_timeout_s: float = _DEFAULT_BUSY_TIMEOUT_S) -> PrivacyLedger:
+             busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S, expected_head: LedgerHead | None = None,
+             expected_ledger_id: str | None = None) -> PrivacyLedger:
         """Open a ledger read-only (an auditor, or a site's monitor) after verifying it."""
         if not isinstance(public_key, PublicIdentity):
             raise ConfigError(f"public_key must be a PublicIdentity, got {type(public_key).__name__}")
         return cls._open_verified(path, public_key, identity=None, clock=_utc_now,
-                                  busy_timeout_s=busy_timeout_s)
+                                  busy_timeout_s=busy_timeout_s, expected_head=expected_head,
+                                  expected_ledger_id=expected_ledger_id)
 
     @classmethod
     def _open_verified(cls, path: str | os.PathLike[str], public_key: PublicIdentity, *,
-                       identity: SiteIdentity | None, clock: Clock, busy_timeout_s: float) -> PrivacyLedger:
+                       identity: SiteIdentity | None, clock: Clock, busy_timeout_s: float,
+                       expected_head: LedgerHead | None, expected_ledger_id: str | None) -> PrivacyLedger:
+        check_expectations(expected_head=expected_head, expected_ledger_id=expected_ledger_id)
         store = LedgerStore.open(path, writable=identity is not None, busy_timeout_s=busy_timeout_s)
         try:
-            verifier, problems = _verify_store(store, public_key)
+            verifier, problems = verify_store(store, public_key, expected_head=expected_head,
+                                              expected_ledger_id=expected_ledger_id)
             if problems:
                 raise integrity_error(store.path, problems)
         except BaseException:
@@ -244,6 +299,11 @@ class PrivacyLedger:
     @property
     def site(self) -> str:
         return self._genesis.site
+
+    @property
+    def ledger_id(self) -> str:
+        """The random id fixed in the genesis entry: tells this ledger from any other of the site."""
+        return self._genesis.ledger_id
 
     @property
     def read_only(self) -> bool:
@@ -276,22 +336,23 @@ class PrivacyLedger:
         return PrivacySpend(epsilon=self._verifier.epsilon_if(add=event), delta=self.budget.delta)
 
     def head(self) -> LedgerHead:
-        """A signed checkpoint of the ledger as it is now, to hand to an auditor."""
+        """A signed checkpoint of the ledger as it is now: persist it and hand it to auditors."""
         self._refresh()
         head = self._verifier.head()
         assert head is not None  # a verified ledger has at least its genesis entry
         return head
 
     def verify(self, *, expected_head: LedgerHead | None = None) -> list[LedgerProblem]:
-        """Re-read and re-check the whole file; return every problem (empty if none)."""
-        if expected_head is not None and not isinstance(expected_head, LedgerHead):
-            raise ConfigError(f"expected_head must be a LedgerHead, got {type(expected_head).__name__}")
+        """Re-read and re-check the whole file; return every problem (empty if none).
+
+        The file must still be the ledger this instance opened (same ``ledger_id``).
+        """
+        check_expectations(expected_head=expected_head)
         try:
-            verifier, problems = _verify_store(self._store, self._verifier.public_key)
+            _, problems = verify_store(self._store, self._verifier.public_key, expected_head=expected_head,
+                                       expected_ledger_id=self.ledger_id)
         except LedgerIntegrityError as error:
             return [LedgerProblem(kind=ProblemKind.CORRUPT_DATABASE, message=str(error))]
-        if expected_head is not None:
-            problems += verifier.check_head(expected_head)
         return problems
 
     def check(self, *, expected_head: LedgerHead | None = None) -> None:
@@ -299,6 +360,10 @@ class PrivacyLedger:
         problems = self.verify(expected_head=expected_head)
         if problems:
             raise integrity_error(self.path, problems)
+
+    def backup(self, path: str | os.PathLike[str]) -> Path:
+        """Copy a consistent snapshot of the ledger, -wal contents included, to the new file ``path``."""
+        return self._store.backup(path)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -332,10 +397,13 @@ class PrivacyLedger:
                                 epsilon_after=after, note=note, settles=None)
 
     def settle(self, charge_seq: int, event: PrivacyEvent, *, note: str = "") -> LedgerEntry:
-        """Record the mechanism that actually ran for charge ``charge_seq``; never refused for budget.
+        """Record the mechanism that actually ran for charge ``charge_seq``, if it cost no more.
 
-        From now on ``event`` replaces the charged event in the composition. If it costs more
-        than the charge, it is recorded all the same: the data was already touched.
+        Allowed (see :mod:`.ledger_settle`): a Poisson-sampled Gaussian charge settled with fewer
+        steps; a distributed discrete Gaussian charge that records its ``cohort`` settled with
+        between its charged number of sites and that cohort. Each charge is settled at most once,
+        and a settle never raises the spend. Anything else raises :class:`ConfigError` and
+        writes nothing; the charge then stands, which over-counts but never under-counts.
         """
         problems: list[str] = []
         _check_event(event, problems)
@@ -349,8 +417,6 @@ class PrivacyLedger:
                 raise ConfigError(f"cannot settle in ledger {self.path}: {refusal}")
             charge = self._verifier.charge_entry(charge_seq)
             after = self._verifier.epsilon_if(settle=(charge_seq, event))
-            if after != after:  # NaN: recording it would hide the spend
-                raise PrivacyError(f"the {self.accountant.value} accountant returned NaN for {event}")
             return self._append(identity, kind=EntryKind.SETTLE, round_id=charge.round_id, event=event,
                                 epsilon_after=after, note=note, settles=charge_seq)
 
@@ -391,7 +457,8 @@ class PrivacyLedger:
     def _refresh(self) -> None:
         """Take in, and check, the rows other writers appended since we last looked."""
         if self._stale:
-            verifier, problems = _verify_store(self._store, self._verifier.public_key)
+            verifier, problems = verify_store(self._store, self._verifier.public_key,
+                                              expected_ledger_id=self.ledger_id)
             if problems:
                 raise integrity_error(self.path, problems)
             self._verifier, self._stale = verifier, False
@@ -426,41 +493,3 @@ class PrivacyLedger:
         state = "closed" if self._store.closed else f"{self._verifier.row_count} entries"
         mode = "read-only" if self.read_only else "writer"
         return f"PrivacyLedger({str(self.path)!r}, site={self.site!r}, {mode}, {state})"
-
-
-def _verify_store(store: LedgerStore, public_key: PublicIdentity) -> tuple[ChainVerifier, list[LedgerProblem]]:
-    verifier = ChainVerifier(public_key)
-    problems = [LedgerProblem(kind=ProblemKind.CORRUPT_DATABASE, message=f"database check: {p}")
-                for p in store.integrity_problems()]
-    for row in store.rows():
-        problems += verifier.feed(row)
-    problems += verifier.finish()
-    return verifier, problems
-
-
-def verify_ledger_file(path: str | os.PathLike[str], public_key: PublicIdentity, *,
-                       expected_head: LedgerHead | None = None) -> list[LedgerProblem]:
-    """Check the ledger at ``path`` under the trusted ``public_key``; return every problem.
-
-    A missing file raises :class:`ConfigError`; a file that is not a ledger at all comes back
-    as a single ``NOT_A_LEDGER`` problem. Without ``expected_head`` entries cut off the end
-    cannot be detected.
-    """
-    if not isinstance(public_key, PublicIdentity):
-        raise ConfigError(f"public_key must be a PublicIdentity, got {type(public_key).__name__}")
-    if expected_head is not None and not isinstance(expected_head, LedgerHead):
-        raise ConfigError(f"expected_head must be a LedgerHead, got {type(expected_head).__name__}")
-    try:
-        store = LedgerStore.open(path, writable=False, busy_timeout_s=_DEFAULT_BUSY_TIMEOUT_S)
-    except LedgerIntegrityError as error:
-        return [LedgerProblem(kind=ProblemKind.NOT_A_LEDGER, message=str(error))]
-    try:
-        try:
-            verifier, problems = _verify_store(store, public_key)
-        except LedgerIntegrityError as error:
-            return [LedgerProblem(kind=ProblemKind.CORRUPT_DATABASE, message=str(error))]
-        if expected_head is not None:
-            problems += verifier.check_head(expected_head)
-        return problems
-    finally:
-        store.close()

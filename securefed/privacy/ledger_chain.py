@@ -2,77 +2,56 @@
 
 :class:`ChainVerifier` consumes rows in sequence order and checks, for every row: that its
 sequence number follows the previous one, that it links to the previous row's hash, that its
-content still matches its hash, that the caller's trusted key signed it, that it decodes, that it
-agrees with the genesis entry (accountant, delta), that a settle names an earlier unsettled
-charge of the same mechanism, and that the epsilon it records is what its events compose to. A
-charge that took the spend past the budget is reported too: the writer must refuse those.
+content still matches its hash and that the caller's trusted key signed it. A row failing either
+of the last two is untrusted content: it is reported and never decoded further. Every other row
+is decoded and checked against the genesis entry (accountant, delta); a settle must satisfy the
+rules of :mod:`.ledger_settle`; the epsilon each entry records must be what its events compose
+to; and a charge that took the spend past the budget is reported too, since the writer must
+refuse those.
+
+After the first integrity failure (a gap, a broken link, an edited or unsigned or undecodable
+row) the events in force are no longer known, so recorded epsilons are no longer recomputed:
+one edit yields one report, not one per later entry, and a file of junk rows costs one hash and
+one signature check per row.
 
 A writer keeps one verifier over the rows it has seen, so each charge re-checks only what other
 writers appended since; :meth:`PrivacyLedger.verify` runs a fresh one over the whole file.
-
-Recomputing the spend per entry composes the effective events (charges, each replaced by its
-settle if any) with :func:`compose_epsilon` at the budget's delta. Identical events are merged
-first by adding their steps: k runs of a mechanism are its k-fold composition (Mironov 2017
-for RDP; Koskela et al. 2020 and Doroshenko et al. 2022 for privacy loss distributions), so the
-result changes only by rounding, while a long ledger of identical rounds costs one composition
-of a few distinct mechanisms per entry instead of one over the whole history.
+Spends are composed incrementally by :class:`.ledger_compose.SpendComposer`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 from collections.abc import Callable, Sequence
 
-from ..errors import InvalidSignatureError, LedgerIntegrityError, PrivacyError
+from ..errors import ConfigError, InvalidSignatureError, LedgerIntegrityError, PrivacyError
 from ..primitives.identity import PublicIdentity
-from .accounting import AccountantKind, compose_epsilon
 from .events import PrivacyEvent
+from .ledger_codec import decode_entry, decode_text_cells, entry_digest
+from .ledger_compose import SpendComposer
 from .ledger_records import (
-    COLUMNS,
     GENESIS_PREV_HASH,
     EntryKind,
     LedgerEntry,
     LedgerGenesis,
     LedgerHead,
     LedgerProblem,
+    PrivacyBudget,
     PrivacySpend,
     ProblemKind,
-    decode_entry,
-    entry_digest,
     signed_message,
     within_budget,
 )
+from .ledger_settle import settle_rule_violation
 
-__all__ = ["ChainVerifier", "merge_identical_events", "compose_effective"]
+__all__ = ["ChainVerifier"]
 
 _Report = Callable[[ProblemKind, str], None]
+_ACCOUNTING_ERRORS = (PrivacyError, ValueError, ArithmeticError)
 
 # A recorded epsilon must match the recomputation up to rounding; a site that under-reports by
 # more than this is caught.
 _SPEND_RELATIVE_TOLERANCE = 1e-9
-
-
-def merge_identical_events(events: Sequence[PrivacyEvent]) -> tuple[PrivacyEvent, ...]:
-    """Merge events that differ only in ``steps`` into one with the steps added, in first-seen order."""
-    steps: dict[PrivacyEvent, int] = {}
-    for event in events:
-        key = dataclasses.replace(event, steps=1)
-        steps[key] = steps.get(key, 0) + event.steps
-    return tuple(dataclasses.replace(key, steps=total) for key, total in steps.items())
-
-
-@functools.lru_cache(maxsize=512)
-def _compose_merged(events: tuple[PrivacyEvent, ...], delta: float, accountant: AccountantKind) -> float:
-    return float(compose_epsilon(list(events), delta=delta, accountant=accountant))
-
-
-def compose_effective(events: Sequence[PrivacyEvent], *, delta: float, accountant: AccountantKind) -> float:
-    """Epsilon of ``events`` composed at ``delta``; 0 for none."""
-    if not events:
-        return 0.0
-    return _compose_merged(merge_identical_events(events), delta, accountant)
 
 
 class ChainVerifier:
@@ -82,16 +61,15 @@ class ChainVerifier:
         self.public_key = public_key
         self.genesis: LedgerGenesis | None = None
         self.entries: list[LedgerEntry] = []
-        self._hash_by_seq: dict[int, bytes] = {}
-        # charge seq -> the event counted for it now: the charged one, or its settlement
-        self._in_force: dict[int, PrivacyEvent] = {}
+        self._composer: SpendComposer | None = None
+        self._charges: dict[int, LedgerEntry] = {}
         self._settled_by: dict[int, int] = {}
+        self._hash_by_seq: dict[int, bytes] = {}
         self._next_seq = 0
         self._prev_hash: object = GENESIS_PREV_HASH
         self._last: tuple[int, bytes, bytes] | None = None
         self._rows = 0
-        self._recomputable = True
-        self._reported_missing_genesis = False
+        self._intact = True  # no integrity failure so far: spends are recomputed
 
     # -- reading state -------------------------------------------------------------------------
 
@@ -100,7 +78,7 @@ class ChainVerifier:
         return self._rows
 
     def effective_events(self) -> list[PrivacyEvent]:
-        return list(self._in_force.values())
+        return self._composer.events() if self._composer is not None else []
 
     def spent(self) -> PrivacySpend:
         if not self.entries:
@@ -116,47 +94,40 @@ class ChainVerifier:
     def last_hash(self) -> bytes:
         return self._last[1] if self._last else GENESIS_PREV_HASH
 
-    def compose(self, events: Sequence[PrivacyEvent]) -> float:
-        genesis = self._require_genesis()
-        return compose_effective(events, delta=genesis.budget.delta, accountant=genesis.accountant)
-
     def epsilon_if(self, *, add: PrivacyEvent | None = None,
                    settle: tuple[int, PrivacyEvent] | None = None) -> float:
         """Epsilon after adding a charge for ``add`` or settling ``settle = (charge seq, event)``."""
-        in_force = dict(self._in_force)
-        if settle is not None:
-            in_force[settle[0]] = settle[1]
-        events = list(in_force.values()) + ([add] if add is not None else [])
-        return self.compose(events)
+        return self._require_composer().epsilon_if(add=add, settle=settle)
 
     def settle_refusal(self, charge_seq: object, event: PrivacyEvent, round_id: str | None = None) -> str | None:
         """Why settling ``charge_seq`` with ``event`` is not allowed, or None if it is."""
         if isinstance(charge_seq, bool) or not isinstance(charge_seq, int):
-            return f"a settle must name the sequence number of a charge, got {charge_seq!r}"
-        if charge_seq not in self._in_force:
+            return f"a settle must name the sequence number of a charge, got {charge_seq!r}"[:200]
+        charge = self._charges.get(charge_seq)
+        if charge is None:
             return f"entry {charge_seq} is not a charge in this ledger, so it cannot be settled"
         if charge_seq in self._settled_by:
             return f"charge {charge_seq} was already settled by entry {self._settled_by[charge_seq]}"
-        charge = self._entry(charge_seq)
-        charged = charge.event
-        if (event.kind, event.unit) != (charged.kind, charged.unit):
-            return (
-                f"charge {charge_seq} was for a {charged.kind.value} mechanism per {charged.unit.value}; "
-                f"it cannot be settled with a {event.kind.value} per {event.unit.value}"
-            )
         if round_id is not None and round_id != charge.round_id:
             return f"the settle's round id {round_id!r} differs from charge {charge_seq}'s {charge.round_id!r}"
+        violation = settle_rule_violation(charge.event, event)
+        if violation is None:
+            try:
+                violation = self._require_composer().settle_cost_violation(charge_seq, event)
+            except _ACCOUNTING_ERRORS as error:
+                violation = f"its cost cannot be computed ({error})"
+        if violation is not None:
+            return f"charge {charge_seq} cannot be settled with that {type(event).__name__}: {violation}"
         return None
 
     def charge_entry(self, seq: int) -> LedgerEntry | None:
-        entry = self._entry(seq)
-        return entry if entry is not None and entry.kind is EntryKind.CHARGE else None
+        return self._charges.get(seq)
 
     # -- checking ------------------------------------------------------------------------------
 
     def feed(self, row: Sequence[object]) -> list[LedgerProblem]:
-        """Check the next row and take it into the state; return its problems."""
-        values = dict(zip(COLUMNS, row, strict=True))
+        """Check the next stored row (text cells as bytes or str) and take it in; return its problems."""
+        values, unreadable = decode_text_cells(row)
         raw_seq = values["seq"]
         seq = raw_seq if isinstance(raw_seq, int) and not isinstance(raw_seq, bool) else None
         problems: list[LedgerProblem] = []
@@ -176,15 +147,17 @@ class ChainVerifier:
             report(ProblemKind.BROKEN_CHAIN,
                    "does not link to the entry before it (its prev_hash is not that entry's hash): "
                    "an entry was deleted, inserted or reordered")
-        if entry_digest(values) != stored_hash:
-            report(ProblemKind.HASH_MISMATCH, "its content was changed after it was signed")
-        if not self._signature_ok(seq, stored_hash, values["signature"]):
+        hash_ok = not unreadable and entry_digest(values) == stored_hash
+        if not hash_ok:
+            why = f" ({'; '.join(unreadable)})" if unreadable else ""
+            report(ProblemKind.HASH_MISMATCH, f"its content was changed after it was signed{why}")
+        signature_ok = self._signature_ok(seq, stored_hash, values["signature"])
+        if not signature_ok:
+            if seq == 0 and hash_ok:
+                self._diagnose_foreign_genesis(values["genesis"], report)
             report(ProblemKind.BAD_SIGNATURE,
                    f"not signed by site {self.public_key.name!r} "
                    f"(verify key {self.public_key.verify_key.hex()[:16]}...)")
-        entry, reasons = decode_entry(values)
-        for reason in reasons:
-            report(ProblemKind.MALFORMED_ENTRY, reason)
 
         self._next_seq = (seq if seq is not None else self._next_seq) + 1
         self._prev_hash = stored_hash
@@ -192,8 +165,15 @@ class ChainVerifier:
             self._hash_by_seq[seq] = stored_hash
             if isinstance(values["signature"], bytes):
                 self._last = (seq, stored_hash, values["signature"])
+        if problems:
+            self._intact = False
+        if not (hash_ok and signature_ok):
+            return problems  # untrusted content: never decode it
+        entry, reasons = decode_entry(values)
+        for reason in reasons:
+            report(ProblemKind.MALFORMED_ENTRY, reason)
         if entry is None:
-            self._recomputable = False
+            self._intact = False
             return problems
         self._check_meaning(entry, report)
         self.entries.append(entry)
@@ -218,31 +198,42 @@ class ChainVerifier:
             problems.append(LedgerProblem(
                 kind=ProblemKind.TRUNCATED, seq=expected.seq,
                 message=f"the ledger ends at entry {last_seq} but the checkpoint names entry "
-                        f"{expected.seq}: entries were cut off its end (or this is an older copy)",
+                        f"{expected.seq}: entries were cut off its end, or this is an older copy",
             ))
         elif self._hash_by_seq.get(expected.seq) != expected.entry_hash:
             problems.append(LedgerProblem(
                 kind=ProblemKind.HEAD_MISMATCH, seq=expected.seq,
                 message=f"entry {expected.seq} differs from the checkpoint: the history up to it "
-                        "was rewritten",
+                        "was rewritten, or this is another ledger",
             ))
         return problems
 
+    def check_expected(self, *, ledger_id: str | None = None,
+                       budget: PrivacyBudget | None = None) -> list[LedgerProblem]:
+        """Compare the genesis entry with the ledger id and budget the caller knows this site uses."""
+        genesis = self.genesis
+        if genesis is None:
+            return []  # already reported as a missing or bad genesis entry
+        problems: list[str] = []
+        if ledger_id is not None and genesis.ledger_id != ledger_id:
+            problems.append(f"this is ledger {genesis.ledger_id}, not the expected ledger {ledger_id}: "
+                            "the file was replaced with another ledger of the site")
+        if budget is not None and genesis.budget != budget:
+            problems.append(f"the ledger's budget is epsilon={genesis.budget.epsilon!r}, delta="
+                            f"{genesis.budget.delta!r}, not the expected epsilon={budget.epsilon!r}, "
+                            f"delta={budget.delta!r}")
+        return [LedgerProblem(kind=ProblemKind.LEDGER_MISMATCH, message=m, seq=0) for m in problems]
+
     # -- internals -----------------------------------------------------------------------------
 
-    def _require_genesis(self) -> LedgerGenesis:
-        if self.genesis is None:
+    def _require_composer(self) -> SpendComposer:
+        if self._composer is None:
             raise LedgerIntegrityError("the ledger has no valid genesis entry")
-        return self.genesis
-
-    def _entry(self, seq: int) -> LedgerEntry | None:
-        # Entries are appended in seq order on a valid chain, so try the direct index first.
-        if 0 <= seq < len(self.entries) and self.entries[seq].seq == seq:
-            return self.entries[seq]
-        return next((e for e in self.entries if e.seq == seq), None)
+        return self._composer
 
     def _signature_ok(self, seq: int | None, entry_hash: object, signature: object) -> bool:
-        if seq is None or seq < 0 or not isinstance(entry_hash, bytes) or not isinstance(signature, bytes):
+        if seq is None or not 0 <= seq < 2**63 or not isinstance(entry_hash, bytes) \
+                or not isinstance(signature, bytes):
             return False
         try:
             self.public_key.verify(signed_message(seq, entry_hash), signature)
@@ -250,18 +241,30 @@ class ChainVerifier:
             return False
         return True
 
+    def _diagnose_foreign_genesis(self, text: object, report: _Report) -> None:
+        """Say whose ledger this is when its intact genesis entry is signed by another key."""
+        try:
+            genesis = LedgerGenesis.from_json(text)
+        except (ConfigError, ValueError, TypeError, RecursionError, MemoryError):
+            return
+        if genesis.verify_key != self.public_key.verify_key:
+            report(ProblemKind.WRONG_KEY,
+                   f"the ledger was created for verify key {genesis.verify_key.hex()[:16]}... (site "
+                   f"{genesis.site!r}), not the trusted key {self.public_key.verify_key.hex()[:16]}... "
+                   f"of site {self.public_key.name!r}: it belongs to another site or was re-signed")
+
     def _check_meaning(self, entry: LedgerEntry, report: _Report) -> None:
         if entry.kind is EntryKind.GENESIS:
             self._check_genesis(entry, report)
             return
         if entry.seq == 0:
             report(ProblemKind.MISSING_GENESIS, f"entry 0 is a {entry.kind.value}, not the genesis entry")
-        if self.genesis is None:
-            if not self._reported_missing_genesis and entry.seq != 0:
+        composer = self._composer
+        if self.genesis is None or composer is None:
+            if self._intact and entry.seq != 0:  # (a bad genesis entry was reported already)
                 report(ProblemKind.MISSING_GENESIS,
                        "the ledger has no genesis entry, so its budget and accountant are unknown")
-            self._reported_missing_genesis = True
-            self._recomputable = False
+            self._intact = False
             return
         genesis = self.genesis
         if entry.genesis is not None:
@@ -271,20 +274,26 @@ class ChainVerifier:
                    f"uses accountant {entry.accountant.value!r} but the ledger's is {genesis.accountant.value!r}")
         if entry.event is None:
             report(ProblemKind.MALFORMED_ENTRY, f"a {entry.kind.value} entry records no event")
-            self._recomputable = False
+            self._intact = False
             return
         if entry.kind is EntryKind.CHARGE:
             if entry.settles is not None:
                 report(ProblemKind.INCONSISTENT_ENTRY, "a charge entry must not name a charge it settles")
-            self._in_force[entry.seq] = entry.event
+            try:
+                composer.charge(entry.seq, entry.event)
+                self._charges[entry.seq] = entry
+            except _ACCOUNTING_ERRORS as error:
+                report(ProblemKind.UNCOMPUTABLE, f"the spend cannot be recomputed: {error}")
+                self._intact = False
         else:
             refusal = self.settle_refusal(entry.settles, entry.event, entry.round_id)
-            if refusal is not None:
-                report(ProblemKind.BAD_SETTLE, refusal)
-            else:
-                self._in_force[entry.settles] = entry.event
+            if refusal is None:
+                composer.settle(entry.settles, entry.event)
                 self._settled_by[entry.settles] = entry.seq
-        self._check_spend(entry, genesis, report)
+            elif self._intact or entry.settles in self._charges:
+                # (A settle of a charge lost in an already-reported broken stretch says nothing new.)
+                report(ProblemKind.BAD_SETTLE, refusal)
+        self._check_spend(entry, genesis, composer, report)
 
     def _check_genesis(self, entry: LedgerEntry, report: _Report) -> None:
         if entry.seq != 0 or self.genesis is not None:
@@ -293,14 +302,14 @@ class ChainVerifier:
         genesis = entry.genesis
         if genesis is None:
             report(ProblemKind.BAD_GENESIS, "the genesis entry has no genesis record")
-            self._recomputable = False
+            self._intact = False
             return
         self.genesis = genesis
+        self._composer = SpendComposer(accountant=genesis.accountant, delta=genesis.budget.delta)
         if genesis.verify_key != self.public_key.verify_key:
             report(ProblemKind.WRONG_KEY,
-                   f"the ledger was created for verify key {genesis.verify_key.hex()[:16]}... (site "
-                   f"{genesis.site!r}), not the trusted key {self.public_key.verify_key.hex()[:16]}... "
-                   f"of site {self.public_key.name!r}: it belongs to another site or was re-signed")
+                   f"the ledger was created for verify key {genesis.verify_key.hex()[:16]}..., not the "
+                   f"trusted key {self.public_key.verify_key.hex()[:16]}... that signed it")
         if entry.event is not None or entry.settles is not None or entry.round_id:
             report(ProblemKind.BAD_GENESIS, "the genesis entry must not record an event, round or settle")
         if entry.accountant is not genesis.accountant:
@@ -308,19 +317,20 @@ class ChainVerifier:
         if entry.epsilon_after != 0.0 or entry.delta_after != 0.0:
             report(ProblemKind.SPEND_MISMATCH, "the genesis entry must record a spend of zero")
 
-    def _check_spend(self, entry: LedgerEntry, genesis: LedgerGenesis, report: _Report) -> None:
+    def _check_spend(self, entry: LedgerEntry, genesis: LedgerGenesis, composer: SpendComposer,
+                     report: _Report) -> None:
         recorded = entry.epsilon_after
         if entry.delta_after != genesis.budget.delta:
             report(ProblemKind.SPEND_MISMATCH,
                    f"records delta {entry.delta_after!r} but the ledger spends at the budget's "
                    f"delta {genesis.budget.delta!r}")
         expected = None
-        if self._recomputable:
+        if self._intact:
             try:
-                expected = self.compose(self.effective_events())
-            except (PrivacyError, ValueError, ArithmeticError) as error:
+                expected = composer.epsilon()
+            except _ACCOUNTING_ERRORS as error:
                 report(ProblemKind.UNCOMPUTABLE, f"the spend cannot be recomputed: {error}")
-                self._recomputable = False
+                self._intact = False
         if expected is not None and not math.isclose(
             recorded, expected, rel_tol=_SPEND_RELATIVE_TOLERANCE, abs_tol=1e-12
         ):

@@ -1,45 +1,32 @@
-"""The privacy ledger's records: budget, spend, entries, checkpoints, problems, and their encoding.
+"""The privacy ledger's records: budget, spend, genesis, entries, checkpoints and problems.
 
-Each ledger row is hashed and signed as follows, so an auditor can re-implement verification
-from this docstring alone:
-
-* ``payload`` is the JSON object ``{"format": "securefed-privacy-ledger", "version": 1}``
-  extended with every stored column except ``entry_hash`` and ``signature``, serialised with
-  sorted keys, no whitespace and ASCII only. Text and integers appear as themselves, NULL as
-  ``null``; a float ``x`` appears as ``{"float": x.hex()}`` (exact, unlike a decimal rendering)
-  and bytes as ``{"bytes": hex}``. The ``event`` and ``genesis`` columns hold JSON text written
-  by securefed; the payload covers that text verbatim.
-* ``entry_hash = SHA-256(payload)``; the ``prev_hash`` column of entry ``n`` is the
-  ``entry_hash`` of entry ``n - 1`` (32 zero bytes for the genesis entry), the hash chain of
-  Haber and Stornetta (1991) and of Schneier and Kelsey's secure audit logs (1999).
-* ``signature = Ed25519(b"securefed/privacy-ledger/v1/entry\\x00" || seq as 8 bytes big-endian
-  || entry_hash)`` under the site's identity key. The prefix separates ledger signatures from
-  every other signature the same key makes; the sequence number makes a signature over an
-  entry also a signed checkpoint (:class:`LedgerHead`) of the whole chain up to it.
+These are the plain values the ledger hands out and the verifier reports; how a row is encoded,
+hashed and signed is in :mod:`.ledger_codec`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from collections.abc import Mapping
+import re
 from dataclasses import dataclass
-from datetime import datetime
 from enum import Enum
 from typing import Any
 
 from ..errors import ConfigError, InvalidSignatureError, LedgerIntegrityError
 from ..primitives.identity import KEY_SIZE, SIGNATURE_SIZE, PublicIdentity, validate_name
 from .accounting import AccountantKind
-from .events import DistributedDiscreteGaussian, PoissonSampledGaussian, PrivacyEvent, event_from_record
+from .events import DistributedDiscreteGaussian, PoissonSampledGaussian, PrivacyEvent
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MAX_BUDGET_EPSILON",
-    "COLUMNS",
     "GENESIS_PREV_HASH",
+    "LEDGER_ID_BYTES",
+    "MAX_ROUND_ID_LENGTH",
+    "MAX_NOTE_LENGTH",
+    "MAX_JSON_LENGTH",
     "EntryKind",
     "PrivacyBudget",
     "PrivacySpend",
@@ -49,46 +36,49 @@ __all__ = [
     "ProblemKind",
     "LedgerProblem",
     "within_budget",
-    "entry_digest",
     "signed_message",
     "canonical_json",
-    "decode_entry",
+    "load_json",
+    "check_ledger_id",
     "integrity_error",
     "is_privacy_event",
-    "MAX_ROUND_ID_LENGTH",
-    "MAX_NOTE_LENGTH",
 ]
 
 FORMAT_NAME = "securefed-privacy-ledger"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Beyond this an epsilon bounds nothing useful (e^100 likelihood ratio); such a "budget" is a typo.
 MAX_BUDGET_EPSILON = 100.0
 # A charge may reach the budget up to float rounding of the composition, never more.
 _BUDGET_RELATIVE_SLACK = 1e-12
 GENESIS_PREV_HASH = bytes(32)
-_SIGNATURE_DOMAIN = b"securefed/privacy-ledger/v1/entry\x00"
+LEDGER_ID_BYTES = 16
+_LEDGER_ID_PATTERN = re.compile(f"[0-9a-f]{{{2 * LEDGER_ID_BYTES}}}")
+_SIGNATURE_DOMAIN = b"securefed/privacy-ledger/v2/entry\x00"
 MAX_ROUND_ID_LENGTH = 200
 MAX_NOTE_LENGTH = 4096
+# The event and genesis columns hold a few hundred characters of JSON; anything longer is not ours.
+MAX_JSON_LENGTH = 4096
 _LISTED_PROBLEMS = 20
-
-COLUMNS = (
-    "seq", "kind", "round_id", "event", "accountant", "epsilon_after", "delta_after",
-    "recorded_at", "note", "settles", "genesis", "prev_hash", "entry_hash", "signature",
-)
-_HASHED_COLUMNS = COLUMNS[:-2]
 
 
 class EntryKind(Enum):
-    GENESIS = "genesis"  # seq 0: format, site, key, budget, accountant
+    GENESIS = "genesis"  # seq 0: format, ledger id, site, key, budget, accountant
     CHARGE = "charge"  # a mechanism about to run; written before it touches data
     SETTLE = "settle"  # the mechanism that actually ran, replacing a charge's worst case
 
 
 def _real(name: str, value: object, problems: list[str]) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        problems.append(f"budget {name} must be a finite number, got {value!r}")
-        return False
-    return True
+    finite = False
+    if not isinstance(value, bool) and isinstance(value, int | float):
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int beyond float range
+            finite = False
+    if not finite:
+        shown = f"an int of {value.bit_length()} bits" if isinstance(value, int) and not isinstance(value, bool) \
+            else f"{value!r}"[:80]
+        problems.append(f"budget {name} must be a finite number, got {shown}")
+    return finite
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,11 +126,37 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
+def load_json(text: object, what: str) -> Any:
+    """Parse untrusted JSON text of at most MAX_JSON_LENGTH characters; ConfigError if it is not.
+
+    Python's parser raises ValueError for integers beyond 4300 digits and RecursionError for
+    deep nesting; both, and anything too long to be ours, become a ConfigError.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"{what} is not text")
+    if len(text) > MAX_JSON_LENGTH:
+        raise ConfigError(f"{what} is {len(text)} characters long; securefed writes at most {MAX_JSON_LENGTH}")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError, OverflowError, MemoryError):  # JSONDecodeError is a ValueError
+        raise ConfigError(f"{what} is not valid JSON (or nests or counts beyond what JSON here allows)") from None
+
+
+def check_ledger_id(value: object, problems: list[str], *, what: str = "ledger_id") -> None:
+    if not isinstance(value, str) or not _LEDGER_ID_PATTERN.fullmatch(value):
+        problems.append(f"{what} must be {2 * LEDGER_ID_BYTES} lowercase hex characters")
+
+
 @dataclass(frozen=True, kw_only=True)
 class LedgerGenesis:
-    """What entry 0 fixes for the ledger's life; signed, so a budget edit is detectable."""
+    """What entry 0 fixes for the ledger's life; signed, so a budget edit is detectable.
+
+    ``ledger_id`` is drawn at random when the ledger is created, so two ledgers of one site
+    (even with the same budget, created at the same instant) never share a hash chain.
+    """
 
     format_version: int
+    ledger_id: str
     site: str
     verify_key: bytes
     budget: PrivacyBudget
@@ -150,6 +166,7 @@ class LedgerGenesis:
         return canonical_json({
             "format": FORMAT_NAME,
             "format_version": self.format_version,
+            "ledger_id": self.ledger_id,
             "site": self.site,
             "verify_key": self.verify_key.hex(),
             "budget": {"epsilon": self.budget.epsilon, "delta": self.budget.delta},
@@ -159,25 +176,23 @@ class LedgerGenesis:
     @classmethod
     def from_json(cls, text: object) -> LedgerGenesis:
         """Parse the genesis column; a ConfigError lists everything wrong with it."""
-        try:
-            data = json.loads(text) if isinstance(text, str) else None
-        except json.JSONDecodeError:
-            data = None
+        data = load_json(text, "the genesis record")
         if not isinstance(data, dict):
             raise ConfigError("the genesis record is not a JSON object")
-        expected = {"format", "format_version", "site", "verify_key", "budget", "accountant"}
+        expected = {"format", "format_version", "ledger_id", "site", "verify_key", "budget", "accountant"}
         problems = [f"the genesis record lacks {k!r}" for k in sorted(expected - set(data))]
-        problems += [f"the genesis record has unknown field {k!r}" for k in sorted(set(data) - expected)]
+        problems += [f"the genesis record has unknown field {k!r}"[:120] for k in sorted(set(data) - expected)]
         if problems:
             raise ConfigError(problems)
         if data["format"] != FORMAT_NAME:
-            problems.append(f"the genesis record names format {data['format']!r}, not {FORMAT_NAME!r}")
+            problems.append(f"the genesis record names format {data['format']!r}, not {FORMAT_NAME!r}"[:200])
         version = data["format_version"]
         if version != FORMAT_VERSION or isinstance(version, bool):
             problems.append(
-                f"the genesis record has format version {version!r}; this securefed reads version "
+                f"the genesis record has format version {str(version)[:20]}; this securefed reads version "
                 f"{FORMAT_VERSION} (a newer securefed may read it)"
             )
+        check_ledger_id(data["ledger_id"], problems, what="the genesis ledger_id")
         validate_name(data["site"], problems)
         key = data["verify_key"]
         try:
@@ -187,14 +202,15 @@ class LedgerGenesis:
         if len(verify_key) != KEY_SIZE:
             problems.append(f"the genesis verify_key is not {KEY_SIZE} bytes of hex")
         budget = _genesis_budget(data["budget"], problems)
-        try:
+        accountant = None
+        if isinstance(data["accountant"], str) and data["accountant"] in {k.value for k in AccountantKind}:
             accountant = AccountantKind(data["accountant"])
-        except ValueError:
-            problems.append(f"the genesis record names unknown accountant {data['accountant']!r}")
+        else:
+            problems.append(f"the genesis record names an unknown accountant: {data['accountant']!r}"[:200])
         if problems:
             raise ConfigError(problems)
-        return cls(format_version=version, site=data["site"], verify_key=verify_key, budget=budget,
-                   accountant=accountant)
+        return cls(format_version=version, ledger_id=data["ledger_id"], site=data["site"],
+                   verify_key=verify_key, budget=budget, accountant=accountant)
 
 
 def _genesis_budget(value: object, problems: list[str]) -> PrivacyBudget | None:
@@ -233,6 +249,7 @@ class LedgerEntry:
 
 
 def signed_message(seq: int, entry_hash: bytes) -> bytes:
+    """What the site signs for entry ``seq``: a domain tag, seq (8 bytes big-endian), the hash."""
     return _SIGNATURE_DOMAIN + seq.to_bytes(8, "big") + entry_hash
 
 
@@ -241,8 +258,8 @@ class LedgerHead:
     """A signed checkpoint: the last entry's sequence number, hash and signature.
 
     A hash chain shows that nothing inside it was changed, but not that nothing was cut off its
-    end; a site publishing its head to an auditor after each round closes that gap, since a
-    later ledger must still contain this exact entry.
+    end, nor that the whole file was not swapped for an older copy; a site publishing its head
+    after each charge closes that gap, since a later ledger must still contain this exact entry.
     """
 
     seq: int
@@ -251,8 +268,8 @@ class LedgerHead:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        if isinstance(self.seq, bool) or not isinstance(self.seq, int) or self.seq < 0:
-            problems.append(f"head seq must be an int >= 0, got {self.seq!r}")
+        if isinstance(self.seq, bool) or not isinstance(self.seq, int) or not 0 <= self.seq < 2**63:
+            problems.append(f"head seq must be an int in [0, 2**63), got {self.seq!r}"[:120])
         for name, size in (("entry_hash", 32), ("signature", SIGNATURE_SIZE)):
             value = getattr(self, name)
             if not isinstance(value, bytes | bytearray) or len(value) != size:
@@ -306,6 +323,7 @@ class ProblemKind(Enum):
     UNCOMPUTABLE = "uncomputable"  # the accountant cannot recompute the spend
     TRUNCATED = "truncated"  # entries after the auditor's checkpoint are gone
     HEAD_MISMATCH = "head-mismatch"  # the checkpointed entry was rewritten
+    LEDGER_MISMATCH = "ledger-mismatch"  # another ledger id or budget than the caller expects
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -328,100 +346,6 @@ def integrity_error(path: object, problems: list[LedgerProblem]) -> LedgerIntegr
         f"{'s' if len(problems) != 1 else ''}):\n{listed}\nKeep this file for investigation and "
         "restore the ledger from a backup; do not charge against a ledger that does not verify."
     )
-
-
-def _hashable(value: object) -> object:
-    if value is None or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    if isinstance(value, float):
-        return {"float": value.hex()}
-    if isinstance(value, bytes | bytearray):
-        return {"bytes": bytes(value).hex()}
-    # Only a hand-edited database holds anything else; tag it so it cannot collide.
-    return {"other": type(value).__name__, "repr": repr(value)}
-
-
-def entry_digest(row: Mapping[str, object]) -> bytes:
-    """SHA-256 of the canonical payload of a row (see the module docstring)."""
-    payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
-    payload.update({column: _hashable(row[column]) for column in _HASHED_COLUMNS})
-    return hashlib.sha256(canonical_json(payload).encode("ascii")).digest()
-
-
-def _typed(row: Mapping[str, object], column: str, kind: type | tuple[type, ...], problems: list[str],
-           *, nullable: bool = False) -> Any:
-    value = row[column]
-    if value is None and nullable:
-        return None
-    if isinstance(value, bool) or not isinstance(value, kind):
-        problems.append(f"{column} has the wrong type ({type(value).__name__})")
-        return None
-    return value
-
-
-def decode_entry(row: Mapping[str, object]) -> tuple[LedgerEntry | None, list[str]]:
-    """Decode a stored row; return the entry, or None and every reason it cannot be decoded."""
-    problems: list[str] = []
-    seq = _typed(row, "seq", int, problems)
-    kind_text = _typed(row, "kind", str, problems)
-    kind = None
-    if kind_text is not None:
-        try:
-            kind = EntryKind(kind_text)
-        except ValueError:
-            problems.append(f"unknown entry kind {kind_text!r}")
-    round_id = _typed(row, "round_id", str, problems)
-    accountant = None
-    accountant_text = _typed(row, "accountant", str, problems)
-    if accountant_text is not None:
-        try:
-            accountant = AccountantKind(accountant_text)
-        except ValueError:
-            problems.append(f"unknown accountant {accountant_text!r}")
-    epsilon_after = _typed(row, "epsilon_after", float, problems)
-    delta_after = _typed(row, "delta_after", float, problems)
-    recorded_at = _typed(row, "recorded_at", str, problems)
-    if recorded_at is not None and not _is_utc_timestamp(recorded_at):
-        problems.append(f"recorded_at {recorded_at!r} is not an ISO-8601 UTC time")
-    note = _typed(row, "note", str, problems)
-    settles = _typed(row, "settles", int, problems, nullable=True)
-    hashes = [_typed(row, c, bytes, problems) for c in ("prev_hash", "entry_hash", "signature")]
-    event = _decode_event(row["event"], problems)
-    genesis = None
-    if row["genesis"] is not None:
-        try:
-            genesis = LedgerGenesis.from_json(row["genesis"])
-        except ConfigError as error:
-            problems.extend(error.problems)
-    if problems:
-        return None, problems
-    prev_hash, entry_hash, signature = hashes
-    return LedgerEntry(
-        seq=seq, kind=kind, round_id=round_id, event=event, accountant=accountant,
-        epsilon_after=epsilon_after, delta_after=delta_after, recorded_at=recorded_at, note=note,
-        prev_hash=prev_hash, entry_hash=entry_hash, signature=signature, settles=settles,
-        genesis=genesis,
-    ), []
-
-
-def _decode_event(text: object, problems: list[str]) -> PrivacyEvent | None:
-    if text is None:
-        return None
-    try:
-        return event_from_record(json.loads(text) if isinstance(text, str) else text)
-    except json.JSONDecodeError:
-        problems.append("event is not valid JSON")
-    except ConfigError as error:
-        problems.extend(f"event: {p}" for p in error.problems)
-    return None
-
-
-def _is_utc_timestamp(text: str) -> bool:
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return False
-    return moment.utcoffset() is not None and moment.utcoffset().total_seconds() == 0
 
 
 def is_privacy_event(value: object) -> bool:

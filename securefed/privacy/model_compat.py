@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -448,7 +449,8 @@ def _trial_problems(model: nn.Module, example_input: torch.Tensor) -> list[str]:
         for hook in hooks:
             hook.remove()
     try:
-        _trial_loss(output).backward()
+        with warnings.catch_warnings(action="ignore", category=UserWarning):  # Opacus' hook notices
+            _trial_loss(output).backward()
     except Exception as exc:  # noqa: BLE001
         return [f"trial step: the backward pass failed with {_first_line(exc)}; look for in-place "
                 "operations or parameters shared between layers"]

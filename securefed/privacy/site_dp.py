@@ -252,31 +252,25 @@ def sample_sites(names: Sequence[str], sampling: SiteSampling, rng: RandomSource
 def central_event(
     config: CentralDPConfig,
     *,
-    sample_rate: float = 1.0,
     steps: int = 1,
     sampling: SiteSampling | None = None,
 ) -> PoissonSampledGaussian:
     """The accounting event of ``steps`` rounds of central noise (unit SITE).
 
-    Pass ``sampling`` to take the rate from :attr:`SiteSampling.accounted_rate` (rate 1 unless
-    the sampling is HIDDEN_RANDOM); ``sample_rate`` is for callers that already know the rate
-    their sampling may claim. Giving both is an error.
+    Amplification by sampling is claimed only through ``sampling``: its
+    :attr:`SiteSampling.accounted_rate` is the rate only for HIDDEN_RANDOM sampling and 1
+    otherwise. Without ``sampling`` every site is assumed to take part (rate 1).
     """
     problems: list[str] = []
     if not isinstance(config, CentralDPConfig):
         problems.append(f"config must be a CentralDPConfig, got {type(config).__name__}")
-    if sampling is not None:
-        if not isinstance(sampling, SiteSampling):
-            problems.append(f"sampling must be a SiteSampling, got {type(sampling).__name__}")
-        elif sample_rate != 1.0:
-            problems.append("give either sampling or sample_rate, not both")
-        else:
-            sample_rate = sampling.accounted_rate
+    if sampling is not None and not isinstance(sampling, SiteSampling):
+        problems.append(f"sampling must be a SiteSampling, got {type(sampling).__name__}")
     if problems:
         raise ConfigError(problems)
     return PoissonSampledGaussian(
         noise_multiplier=float(config.noise_multiplier),  # type: ignore[arg-type]
-        sample_rate=sample_rate,
+        sample_rate=1.0 if sampling is None else sampling.accounted_rate,
         steps=steps,
         unit=PrivacyUnit.SITE,
     )

@@ -64,6 +64,45 @@ def test_unreachable_target_is_a_privacy_error() -> None:
         noise_multiplier_for(target_epsilon=1e-4, delta=DELTA, sample_rate=1.0, steps=10000)
 
 
+def check_calibration_grid(accountant: str, targets, deltas, rates, steps_list) -> int:
+    """Every call lands in the band or raises a typed error (never anything else); returns hits."""
+    landed = 0
+    for target, delta, rate, steps in itertools.product(targets, deltas, rates, steps_list):
+        try:
+            noise = noise_multiplier_for(target_epsilon=target, delta=delta, sample_rate=rate, steps=steps,
+                                         accountant=accountant)
+        except (PrivacyError, ConfigError):
+            continue
+        spent = epsilon(noise_multiplier=noise, sample_rate=rate, steps=steps, delta=delta, accountant=accountant)
+        assert 0.99 * target <= spent <= target, (target, delta, rate, steps, noise, spent)
+        landed += 1
+    return landed
+
+
+def test_rdp_calibration_lands_or_refuses_across_a_broad_grid() -> None:
+    # Includes epsilon exactly 0 during bracketing (delta above the total variation), which
+    # once crashed in math.log(0).
+    landed = check_calibration_grid("rdp", (0.3, 1.0, 3.0, 8.0, 30.0), (1e-12, 1e-5, 0.05),
+                                    (1e-5, 0.001, 0.02, 1.0), (1, 100, 10000))
+    assert landed >= 150
+
+
+@pytest.mark.parametrize(("accountant", "target", "delta", "rate", "steps"), [
+    ("rdp", 1.0, 1e-5, 1e-5, 1),  # epsilon 0 while bracketing: math.log(0)
+    ("pld", 1.0, 1e-5, 1e-5, 1),
+    ("pld", 3.0, 0.05, 0.02, 1),  # tiny noise: e^(top loss) overflowed
+    ("pld", 0.3, 0.05, 0.001, 100),
+])
+def test_former_crashes_land_or_refuse(accountant: str, target: float, delta: float, rate: float, steps: int) -> None:
+    check_calibration_grid(accountant, (target,), (delta,), (rate,), (steps,))
+
+
+@pytest.mark.slow
+def test_pld_calibration_lands_or_refuses_across_a_grid() -> None:
+    landed = check_calibration_grid("pld", (0.3, 1.0, 8.0), (1e-12, 0.05), (0.001, 0.02, 1.0), (1, 100))
+    assert landed >= 20
+
+
 BAD_EPSILON_ARGUMENTS = {
     "noise_multiplier": [0.0, -1.0, float("nan"), "1"],
     "sample_rate": [0.0, 1.5, -0.1, None],

@@ -67,3 +67,12 @@ def test_a_foreign_key_and_bad_arguments_are_named(site, capsys) -> None:
                  "--site", "barts"]) == 2
     assert "not in the roster" in capsys.readouterr().err
     assert main(["ledger", "show", str(site / "missing.sqlite"), "--public-key", str(site / "pub.json")]) == 2
+
+
+def test_another_ledger_of_the_same_site_is_caught_by_its_id(site, capsys) -> None:
+    args = [str(site / "ledger.sqlite"), "--public-key", str(site / "pub.json")]
+    assert main(["ledger", "show", *args, "--json"]) == 0
+    ledger_id = json.loads(capsys.readouterr().out)["ledger_id"]
+    assert main(["ledger", "verify", *args, "--ledger-id", ledger_id]) == 0
+    assert main(["ledger", "verify", *args, "--ledger-id", "00" * 16]) == 1
+    assert main(["ledger", "show", *args, "--ledger-id", "00" * 16]) == 1

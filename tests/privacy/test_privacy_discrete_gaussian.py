@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import math
 from fractions import Fraction
 
@@ -12,7 +13,9 @@ from scipy import stats
 from securefed.errors import ConfigError
 from securefed.primitives.randomness import SeededRandom
 from securefed.privacy.discrete_gaussian import (
+    FAST_SAMPLER_TV_BOUND,
     MAX_SIGMA,
+    fast_sampler_tv_bound,
     discrete_gaussian_normalizer,
     discrete_gaussian_pmf,
     sample_bernoulli_exp,
@@ -187,3 +190,82 @@ def test_bad_input_lists_every_problem() -> None:
         discrete_gaussian_pmf(1.0, np.array([0.5]))
     with pytest.raises(ConfigError):
         discrete_gaussian_normalizer(float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast sampler's distance from the exact distribution
+
+
+_GRID = 2**53
+
+
+def _p_coin_below(probability: float) -> Fraction:
+    """P(u < p) for the sampler's coins u = k / 2^53, k uniform in [0, 2^53)."""
+    return Fraction(min(_GRID, math.ceil(Fraction(probability) * _GRID)), _GRID)
+
+
+def _geometric_thresholds() -> list[Fraction]:
+    """P(V >= v), V = floor(-log1p(-u)) evaluated as the sampler does, by bisection on k."""
+    tails = []
+    for v in range(38):
+        low, high = 0, _GRID
+        while low < high:  # the least k whose float V is >= v
+            middle = (low + high) // 2
+            value = np.floor(-np.log1p(-np.array([middle * 2.0**-53])))[0]
+            low, high = (low, middle) if value >= v else (middle + 1, high)
+        tails.append(Fraction(_GRID - low, _GRID))
+    return tails
+
+
+def _fast_sampler_distribution(sigma: float) -> dict[int, Fraction]:
+    """The fast sampler's exact output law: its float decisions replayed, the coins enumerated."""
+    t = math.floor(sigma) + 1
+    keep = [_p_coin_below(p) for p in np.exp(-np.arange(t, dtype=np.int64) / t)]
+    tails = _geometric_thresholds()
+    weights: dict[int, Fraction] = {}
+    for v in range(37):
+        chance_v = tails[v] - tails[v + 1]
+        if chance_v == 0:
+            continue
+        magnitude = np.arange(t, dtype=np.int64) + t * v
+        distance = magnitude.astype(np.float64) - sigma * sigma / t
+        accept = np.exp(-(distance * distance) / (2.0 * sigma * sigma))
+        for u in range(t):
+            weight = Fraction(1, t) * keep[u] * chance_v * _p_coin_below(float(accept[u])) / 2
+            y = int(magnitude[u])
+            weights[y] = weights.get(y, 0) + weight
+            if y:
+                weights[-y] = weights.get(-y, 0) + weight
+    total = sum(weights.values())
+    return {y: w / total for y, w in weights.items()}
+
+
+@pytest.mark.parametrize("sigma", [0.8, 2.5, 4.5])
+def test_fast_sampler_is_within_its_certified_total_variation_bound(sigma: float) -> None:
+    sampled = _fast_sampler_distribution(sigma)
+    context = decimal.Context(prec=60)
+    reach = 60 * (math.floor(sigma) + 1)
+    exact = {y: context.exp(context.divide(-decimal.Decimal(y * y), 2 * decimal.Decimal(sigma) ** 2))
+             for y in range(-reach, reach + 1)}
+    total = sum(exact.values())
+    def sampled_at(y: int) -> decimal.Decimal:
+        p = sampled.get(y, Fraction(0))
+        return context.divide(decimal.Decimal(p.numerator), decimal.Decimal(p.denominator))
+
+    distance = sum(abs(sampled_at(y) - context.divide(w, total)) for y, w in exact.items()) / 2
+    assert set(sampled) <= set(exact)
+    assert 0 < distance <= fast_sampler_tv_bound(sigma), (sigma, distance)
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.4, 0.99, 1.0, 1.5, 3.99, 4.0, 10.0, 1000.0])
+def test_the_bounds_acceptance_rate_is_a_lower_bound(sigma: float) -> None:
+    # The exact acceptance rate of one proposal, (1 - e^-1) / (2t) sum e^-|y|/t exp(-(|y| - s^2/t)^2 / 2s^2).
+    t = math.floor(sigma) + 1
+    reach = 60 * t
+    rate = (1 - math.exp(-1)) / (2 * t) * math.fsum(
+        math.exp(-abs(y) / t - (abs(y) - sigma * sigma / t) ** 2 / (2 * sigma * sigma)) for y in range(-reach, reach + 1))
+    split = 43.5 * 2.0**-53  # per proposal, from the module's derivation
+    assert fast_sampler_tv_bound(sigma) >= split / rate
+    assert FAST_SAMPLER_TV_BOUND >= fast_sampler_tv_bound(sigma)
+    with pytest.raises(ConfigError, match="sigma"):
+        fast_sampler_tv_bound(-1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -16,7 +17,12 @@ from securefed.privacy.distributed import (
     conditional_round,
     rounded_l2_bound,
 )
-from securefed.privacy.events import PrivacyUnit
+from securefed.privacy.accounting import AccountantKind, compose_delta, compose_epsilon
+from securefed.privacy.discrete_gaussian import fast_sampler_tv_bound
+from securefed.privacy.events import DistributedDiscreteGaussian, PrivacyUnit, event_from_record
+from securefed.privacy.ledger_compose import SpendComposer
+from securefed.privacy.ledger_settle import settle_rule_violation
+from securefed.privacy.rdp import DEFAULT_ORDERS, delta_from_rdp, event_rdp
 from securefed.privacy.rotation import RandomRotation, Rotation, walsh_hadamard
 
 ROUND = b"round-7"
@@ -209,7 +215,7 @@ def test_event_and_sensitivities_follow_the_paper() -> None:
     probable = scaled**2 + d / 4 + math.sqrt(2 * math.log(10)) * (scaled + math.sqrt(d) / 2)
     l2 = math.sqrt(min(probable, (scaled + math.sqrt(d)) ** 2))
     assert encoder.l2_sensitivity == pytest.approx(l2, rel=1e-12)
-    assert encoder.l1_sensitivity == pytest.approx(min(l2**2, math.sqrt(d) * l2), rel=1e-9)
+    assert encoder.l1_sensitivity == pytest.approx(max(l2, min(l2**2, math.sqrt(d) * l2)), rel=1e-9)
     assert encoder.site_sigma**2 == pytest.approx(scaled**2 / config.min_sites, rel=1e-12)
     event = encoder.event(sites=4, steps=7)
     assert (event.sites, event.steps, event.dimension, event.unit) == (4, 7, d, PrivacyUnit.SITE)
@@ -306,3 +312,75 @@ def test_config_lists_every_problem() -> None:
                             bit_width=16, beta=1.0, k_stddevs=0, rotation="dft")  # type: ignore[arg-type]
     assert len(info.value.problems) == 7
     assert _config(rotation="hadamard").rotation is Rotation.HADAMARD
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler's slack, and what an event may claim
+
+
+def _big_event(**changes: object) -> DistributedDiscreteGaussian:
+    # A million padded coordinates, 10 sites, 100 rounds: H = 1e9 * sampler_tv.
+    params: dict[str, object] = dict(l2_sensitivity=1100.0, l1_sensitivity=1100.0**2, site_sigma=1e4, sites=10,
+                                     dimension=2**20, steps=100, sampler_tv=1e-14)
+    params.update(changes)
+    return DistributedDiscreteGaussian(**params)  # type: ignore[arg-type]
+
+
+def test_encoder_events_carry_the_fast_samplers_slack_and_consistent_sensitivities() -> None:
+    encoder = DistributedDPEncoder(_config(beta=0.1), dimension=3000)
+    event = encoder.event(sites=4)
+    assert event.sampler_tv == fast_sampler_tv_bound(encoder.site_sigma) > 0
+    l2, d = event.l2_sensitivity, event.dimension
+    assert l2 <= event.l1_sensitivity and min(l2 * l2, math.sqrt(d) * l2) <= event.l1_sensitivity
+    assert event_from_record(event.to_record()) == event
+
+
+def test_the_slack_is_charged_on_top_of_the_renyi_bound() -> None:
+    slack_free = _big_event(sampler_tv=0.0)
+    event = _big_event()
+    slack = 10 * 2**20 * 100 * 1e-14
+    delta = 1e-4
+    free = compose_epsilon([slack_free], delta=delta)
+    charged = compose_epsilon([event], delta=delta)
+    assert charged > free
+    # delta(eps) is the Renyi delta plus (1 + e^eps) H, computed independently here.
+    for eps in (0.5, charged, 3.0):
+        renyi = delta_from_rdp(DEFAULT_ORDERS, event_rdp(slack_free, DEFAULT_ORDERS), epsilon=eps)
+        assert compose_delta([event], epsilon=eps) == pytest.approx(renyi + (1 + math.exp(eps)) * slack, rel=1e-12)
+    # The reported epsilon fits in delta, and is (nearly) the least that does.
+    assert compose_delta([event], epsilon=charged) <= delta
+    assert compose_delta([event], epsilon=charged * (1 - 1e-6)) > delta
+    # The ledger's running composition charges it too.
+    composer = SpendComposer(accountant=AccountantKind.RDP, delta=delta)
+    composer.charge(1, event)
+    assert composer.epsilon() == charged
+
+
+def test_a_slack_that_fills_delta_is_refused() -> None:
+    with pytest.raises(PrivacyError, match="slack"):
+        compose_epsilon([_big_event(sampler_tv=5e-13)], delta=1e-3)  # 2H = 1e-3: no room at all
+    with pytest.raises(PrivacyError, match="slack"):
+        compose_epsilon([_big_event(sampler_tv=4e-14)], delta=1e-4)  # room only where eps < 0.33
+
+
+def test_slack_and_sensitivity_fields_are_validated_and_recorded() -> None:
+    plain = _big_event(sampler_tv=0.0)
+    assert "sampler_tv" not in plain.to_record()  # older records keep their form
+    assert event_from_record(plain.to_record()) == plain
+    assert event_from_record(_big_event().to_record()).sampler_tv == 1e-14
+    for bad in (-1e-15, 1e-6, float("nan"), "0"):
+        with pytest.raises(ConfigError, match="sampler_tv"):
+            _big_event(sampler_tv=bad)
+    with pytest.raises(ConfigError, match="below l2_sensitivity"):
+        _big_event(l1_sensitivity=1000.0)
+    # L1 derivable from L2 = 1100 over 2^20 coordinates: min(1100^2, 1024 * 1100).
+    with pytest.raises(ConfigError, match="min"):
+        _big_event(l1_sensitivity=1024 * 1100.0 - 1)
+    assert _big_event(l1_sensitivity=1024 * 1100.0).l1_sensitivity == 1024 * 1100.0
+
+
+def test_a_settle_may_not_change_the_slack() -> None:
+    charged = _big_event(cohort=12)
+    assert settle_rule_violation(charged, dataclasses.replace(charged, sites=12)) is None
+    violation = settle_rule_violation(charged, dataclasses.replace(charged, sites=12, sampler_tv=0.0))
+    assert violation is not None and "sampler_tv" in violation

@@ -393,8 +393,19 @@ DDP_WORKER = textwrap.dedent('''
     gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
     same = all(torch.equal(g, gathered[0]) for g in gathered)
+    # Rank 1 alone fails (a NaN loss): every rank must raise; none may wait forever for the others.
+    def poisoned(out, y):
+        losses = nn.functional.cross_entropy(out, y, reduction="none")
+        return losses * float("nan") if rank == 1 else losses
+    try:
+        training.train_round(poisoned, round_id=2)
+        failed = "nothing"
+    except Exception as exc:
+        failed = type(exc).__name__
+    restored = torch.equal(torch.cat([p.detach().flatten() for p in model.parameters()]), flat)
     with open(os.path.join(sys.argv[1], f"rank{rank}.txt"), "w") as out:  # stdout lines of ranks interleave
-        out.write(f"device={flat.device.type} steps={report.steps} same={same} eps={report.epsilon:.6f}")
+        out.write(f"device={flat.device.type} steps={report.steps} same={same} eps={report.epsilon:.6f} "
+                  f"failed={failed} restored={restored}")
     dist.destroy_process_group()
 ''')
 
@@ -405,7 +416,7 @@ def run_ddp_worker(tmp_path, processes: int) -> list[str]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           f"--nproc_per_node={processes}", str(script), str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, env=env)
+                         capture_output=True, text=True, timeout=150, env=env)  # a deadlock fails here
     assert out.returncode == 0, out.stderr[-4000:]
     return [path.read_text() for path in sorted(tmp_path.glob("rank*.txt"))]
 
@@ -419,6 +430,8 @@ def test_distributed_training_on_cpu_processes(tmp_path) -> None:
         fields = dict(item.split("=") for item in line.split())
         assert fields["steps"] == "4" and fields["same"] == "True"
         assert float(fields["eps"]) == pytest.approx(expected, rel=0.01)
+        # rank 1's NaN loss stopped both ranks (no deadlock), each with its model restored
+        assert fields["failed"] == "PrivacyError" and fields["restored"] == "True"
 
 
 def test_a_second_training_on_the_same_model_is_refused_until_closed(tmp_path) -> None:

@@ -10,6 +10,7 @@ norms and the same clipped sum.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -349,3 +350,46 @@ def test_removed_hooks_record_nothing():
     model(torch.randn(2, 3)).sum().backward()  # an ordinary backward still works
     assert clipper.backward(model(torch.randn(2, 3)).sum(1)).shape == (2,)
     assert clipper.last_plans == {}
+
+
+class _Tied(nn.Module):
+    """Weight tying: ``b`` uses ``a``'s weight, so a sample's gradient for it is the sum of both uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(5, 5, bias=False), nn.Linear(5, 5, bias=False), nn.Linear(5, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class _SameLayerTwice(nn.Module):
+    """One layer registered under two names: one layer, not two sharing a weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(5, 5), nn.Linear(5, 3)
+        self.b = self.a
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_shared_and_reparametrised_weights_are_refused():
+    # Tying clipped each use on its own: the sum of two uses reached sqrt(2) C per sample.
+    with pytest.raises(ConfigError, match="'a', 'b' share a trainable parameter"):
+        BookKeepingClipper(_Tied(), max_grad_norm=1.0)
+    # weight_norm's computed weight got the clipped sum while weight_g and weight_v got nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        old = torch.nn.utils.weight_norm(nn.Linear(5, 5))
+    for layer in (old, torch.nn.utils.parametrizations.weight_norm(nn.Linear(5, 5))):
+        with pytest.raises(ConfigError, match="computed 'weight'"):
+            BookKeepingClipper(nn.Sequential(layer, nn.Linear(5, 2)), max_grad_norm=1.0)
+    model = _SameLayerTwice()
+    inputs, targets = torch.randn(4, 5, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 1])
+    loss_fn = lambda out, y: F.cross_entropy(out, y, reduction="none")  # noqa: E731
+    ref_norms, ref_sums = _reference(model, inputs, targets, loss_fn, 0.2)
+    norms = BookKeepingClipper(model, max_grad_norm=0.2).backward(loss_fn(model(inputs), targets))
+    _assert_matches(model, norms, ref_norms, ref_sums)

@@ -1,4 +1,5 @@
-"""DP-SGD on CUDA: a MONAI network trains on the GPU, clipping modes agree there, DPDDP on >1 GPU.
+"""DP-SGD on CUDA: a MONAI network trains on the GPU, clipping modes agree there, the release guards
+do not refuse correct TF32 steps, DPDDP on >1 GPU.
 
 Skipped where CUDA is absent. The privacy numbers are checked against dp-accounting; the
 clipping modes against each other with TF32 off (TF32 convolutions differ at ~1e-3).
@@ -82,6 +83,21 @@ def test_clipping_modes_give_the_same_update_on_cuda(exact_cuda_math) -> None:
     assert reference.norm() > 0
     for mode in ("ghost", "fast"):
         torch.testing.assert_close(updates[mode], reference, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "fast"])
+def test_release_guards_pass_correct_steps_under_tf32(mode: str) -> None:
+    """Batches of one record make the triangle bound tight (||c g|| = c ||g||); TF32 convolutions
+    (cuDNN's default) round the sum and the norms differently. A correct step must still pass."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        config = DPSGDConfig(max_grad_norm=0.05, delta=1e-3, batch_size=1, noise_multiplier=1.0,
+                             steps_per_round=24, clipping=mode, device="cuda")
+        training = make_private(_unet(), lambda ps: torch.optim.SGD(ps, lr=0.1), _images(), config=config, seed=3)
+        assert training.train_round(per_sample_cross_entropy, round_id=0).steps == 24
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_noise_on_cuda_has_the_recorded_standard_deviation() -> None:

@@ -155,7 +155,7 @@ def brute_force_ddg_epsilon(delta: float, steps: int, orders, **params) -> float
 
 # A high-noise setting where the continuous bound dominates, and a low-noise one where the
 # discreteness slack tau (and hence the L1 sensitivity and dimension) matters.
-DDG = dict(l2=200.0, l1=2000.0, sigma=400.0, sites=10, dim=1000)
+DDG = dict(l2=200.0, l1=6400.0, sigma=400.0, sites=10, dim=1000)
 DDG_COARSE = dict(l2=0.3, l1=3.0, sigma=1.0, sites=10, dim=100)
 
 

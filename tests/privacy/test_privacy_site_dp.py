@@ -127,9 +127,11 @@ def test_central_event_is_site_level_and_amplified_only_by_hidden_sampling() -> 
     assert hidden.sample_rate == 0.1 and public.sample_rate == 1.0
     # What the difference is worth, by an independent accountant.
     assert _reference_epsilon(hidden, 1e-5) < 0.25 * _reference_epsilon(public, 1e-5)
-    assert central_event(config, sample_rate=0.2).sample_rate == 0.2
-    with pytest.raises(ConfigError, match="not both"):
-        central_event(config, sample_rate=0.5, sampling=SiteSampling(rate=0.5))
+    # No back door: a bare rate cannot claim amplification without hidden sampling.
+    with pytest.raises(TypeError, match="sample_rate"):
+        central_event(config, sample_rate=0.2)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match="sampling must be a SiteSampling"):
+        central_event(config, sampling=0.2)  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         central_event("config")  # type: ignore[arg-type]
 

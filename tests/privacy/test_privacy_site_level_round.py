@@ -3,15 +3,18 @@
 The flow a federation runs each round: every site charges its ledger for the worst case the
 protocol allows (only ``threshold`` sites' noise in the sum) *before* touching its update,
 encodes with the distributed discrete Gaussian, and masks; the coordinator sums; after the round
-each site settles its charge with the noise actually in the sum (the survivors).
+each site settles its charge with the noise actually in the sum (the survivors), which the ledger
+accepts only between the worst case charged and the cohort that started the round.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from securefed.errors import PrivacyBudgetExceeded
+from securefed.errors import ConfigError, PrivacyBudgetExceeded
 from securefed.primitives.identity import SiteIdentity
 from securefed.primitives.randomness import SeededRandom
 from securefed.privacy import (
@@ -46,7 +49,9 @@ def _federation(tmp_path, budget_epsilon: float):
 def test_round_with_dropouts_charges_worst_case_then_settles_the_noise_in_the_sum(tmp_path) -> None:
     secagg, threshold, encoder, identities, ledgers = _federation(tmp_path, budget_epsilon=10.0)
     updates = np.random.default_rng(0).normal(0, 0.05, size=(SITES, DIMENSION))
+    # The cohort (every site that starts the round) bounds any later settle.
     worst = encoder.event(sites=threshold)
+    assert worst.cohort == SITES
     charges = [ledger.charge(worst, round_id="1", note="distributed DP, worst case") for ledger in ledgers]
     encoded = np.stack([
         encoder.encode(update, round_seed=ROUND_SEED, rng=SeededRandom(f"noise-{i}"))
@@ -62,7 +67,10 @@ def test_round_with_dropouts_charges_worst_case_then_settles_the_noise_in_the_su
     assert not np.allclose(decoded, truth, atol=1e-6), "the sum must carry noise"
 
     actual = encoder.event(sites=survivors)
+    impossible = dataclasses.replace(actual, sites=SITES + 1, cohort=SITES + 1)
     for ledger, charge in zip(ledgers, charges):
+        with pytest.raises(ConfigError, match="cannot settle"):
+            ledger.settle(charge.seq, impossible)  # more sites than started the round
         charged = ledger.spent().epsilon
         ledger.settle(charge.seq, actual, note=f"{survivors} sites' noise in the sum")
         settled = ledger.spent().epsilon
