@@ -61,8 +61,8 @@ __all__ = ["Direction", "DiscretePld", "ComposedPld", "compose_sampled_gaussians
 
 # Mass of the composed loss allowed outside the circular window (bounded by Chernoff).
 _WINDOW_TAIL = 1e-20
-_CHERNOFF_T = np.geomspace(1e-3, 1e3, 49)
-_MGF_BLOCKS = 2048
+_CHERNOFF_T = np.geomspace(1e-3, 1e3, 37)
+_MGF_BLOCKS = 1024
 # Floating-point certification (see the module docstring): unit round-off, a generous normwise
 # error per FFT stage (Higham 2002: about mu + gamma_4 (sqrt(2) + mu) for radix 2), the relative
 # error of a complex power or product per step, and the error growth T * max|dX| beyond which
@@ -197,9 +197,10 @@ class _Window:
     underflow: float  # Chernoff bound on mass below it (counted as infinite loss if first > 0)
 
 
-def _window(singles: Sequence[tuple[DiscretePld, int]], interval: float, tilt: float) -> _Window:
+@lru_cache(maxsize=16)  # small: entries keep single steps alive
+def _window(singles: tuple[tuple[DiscretePld, int], ...], interval: float, tilt: float) -> _Window:
     t = _CHERNOFF_T
-    up, down, _ = _chernoff_curves(tuple(singles))
+    up, down, _ = _chernoff_curves(singles)
     log_tail = math.log(_WINDOW_TAIL)
     # Chernoff: mass(S >= a) <= exp(K(t) - t a) and mass(S <= a) <= exp(K(-t) + t a).
     high = float(np.min((up - log_tail) / t))
@@ -226,7 +227,7 @@ def _window(singles: Sequence[tuple[DiscretePld, int]], interval: float, tilt: f
     return _Window(first=first, size=size, overflow=overflow, underflow=underflow)
 
 
-def _fitting_tilt(singles: Sequence[tuple[DiscretePld, int]], interval: float, tilt: float) -> float:
+def _fitting_tilt(singles: tuple[tuple[DiscretePld, int], ...], interval: float, tilt: float) -> float:
     """``tilt``, or else the largest smaller grid tilt (or 0) whose window is affordable.
 
     The tilted loss can spread far in heavy-tailed settings (tiny sample rates and noise); a
@@ -243,7 +244,7 @@ def _fitting_tilt(singles: Sequence[tuple[DiscretePld, int]], interval: float, t
     return 0.0
 
 
-def _compose_direction(singles: Sequence[tuple[DiscretePld, int]], interval: float, tilt: float) -> DiscretePld:
+def _compose_direction(singles: tuple[tuple[DiscretePld, int], ...], interval: float, tilt: float) -> DiscretePld:
     """Compose at ``tilt``; the result's delta (masses plus round-off charge) is a certified bound."""
     if len(singles) == 1 and singles[0][1] == 1:
         return singles[0][0]  # one step: nothing to compose, and no round-off to allow for

@@ -69,6 +69,7 @@ class DiscretePld:
     scale_log: float = 0.0
     tilt: float = 0.0
     _epsilons: dict[float, float] = field(default_factory=dict, repr=False)  # epsilon(delta), memoised
+    _deltas: dict[float, float] = field(default_factory=dict, repr=False)  # delta(epsilon), memoised
 
     @property
     def losses(self) -> np.ndarray:
@@ -103,11 +104,13 @@ class DiscretePld:
         """delta(eps) = p_inf + sum over l > eps of p(l) (1 - e^(eps - l)), plus the round-off allowance."""
         if math.isinf(epsilon):
             return 0.0
-        losses, masses = self._above(epsilon)
-        terms = masses * -np.expm1(epsilon - losses)
-        # Rounded upward: a float sum of n non-negative terms errs by at most about n u of it.
-        value = self.infinity_mass + float(np.sum(terms)) * (1.0 + _sum_slack(terms.size))
-        return min(1.0, value + self.roundoff_delta(epsilon))
+        if epsilon not in self._deltas:
+            losses, masses = self._above(epsilon)
+            terms = masses * -np.expm1(epsilon - losses)
+            # Rounded upward: a float sum of n non-negative terms errs by at most about n u of it.
+            value = self.infinity_mass + float(np.sum(terms)) * (1.0 + _sum_slack(terms.size))
+            self._deltas[epsilon] = min(1.0, value + self.roundoff_delta(epsilon))
+        return self._deltas[epsilon]
 
     def epsilon(self, delta: float) -> float:
         """The smallest eps >= 0 with delta(eps) <= delta (math.inf if none), up to float rounding.
