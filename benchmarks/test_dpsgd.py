@@ -213,17 +213,11 @@ def test_train_round_through_make_private(benchmark, run_pedantic, report):
                          batch_size=BATCH, steps_per_round=steps, planned_rounds=1000)
     training = make_private(_model("unet"), lambda ps: torch.optim.SGD(ps, lr=LR), dataset, config=config, seed=5)
     rounds = iter(range(10**6))
-    baseline = min(_time(non_private_round) for _ in range(3))
+    baseline = _fastest(non_private_round, 3)
     _, ours = run_pedantic(lambda: training.train_round(_segmentation_losses, round_id=next(rounds)),
                            rounds=3, warmup_rounds=1)
-    baseline = min(baseline, *(_time(non_private_round) for _ in range(2)))
+    baseline = min(baseline, _fastest(non_private_round, 2))
     report(name=f"dpsgd unet: make_private round ({training.clipping.value}) / non-private",
            ours=ours, baseline=baseline, ratio=ours / baseline, ratio_means="dp round / non-private round",
            target=("<=", TARGET_VS_NON_PRIVATE), steps=steps,
            notes=["Poisson batches vary around the expected size; the baseline uses exactly that size"])
-
-
-def _time(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start

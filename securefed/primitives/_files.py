@@ -11,17 +11,21 @@ from pathlib import Path
 
 from securefed.errors import ConfigError
 
-__all__ = ["write_atomic", "read_private", "read_text"]
+__all__ = ["write_atomic", "read_private", "read_text", "fsync_path"]
 
 _POSIX = os.name == "posix"
 
 
 def _fsync_directory(directory: Path) -> None:
     # Makes the rename itself durable; not every platform lets a directory be opened.
-    if not _POSIX:
-        return
+    if _POSIX:
+        fsync_path(directory)
+
+
+def fsync_path(path: Path) -> None:
+    """Best-effort fsync of a file's bytes or of a directory's entries (POSIX)."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from ..errors import ConfigError, LedgerIntegrityError, MissingDependencyError, PrivacyError
+from ..primitives._files import fsync_path
 from .ledger_codec import COLUMNS
 from .ledger_records import FORMAT_VERSION
 
@@ -316,20 +317,6 @@ def _translate(error: sqlite3.DatabaseError, path: Path, action: str) -> Excepti
     )
 
 
-def _fsync(path: Path) -> None:
-    # Durability of the file's bytes, and of the directory entry once it is linked.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _build_and_publish(target: Path, build: Callable[[sqlite3.Connection], None], action: str) -> None:
     """Build a database under a temporary name next to ``target``, then move it into place."""
     if not target.parent.is_dir():
@@ -349,13 +336,13 @@ def _build_and_publish(target: Path, build: Callable[[sqlite3.Connection], None]
         finally:
             # Closing the last connection checkpoints the WAL into the file and deletes it.
             connection.close()
-        _fsync(temporary)
+        fsync_path(temporary)
         _publish(temporary, target)
     finally:
         for suffix in ("", "-wal", "-shm", "-journal"):
             with contextlib.suppress(OSError):
                 os.unlink(f"{temporary}{suffix}")
-    _fsync(target.parent)
+    fsync_path(target.parent)
 
 
 def _publish(temporary: Path, target: Path) -> None:
