@@ -7,7 +7,7 @@ CONSTRAINTS ?= constraints/cpu.txt
 .PHONY: run test bench install clean
 
 run: $(STAMP)
-	$(VENV)/bin/securefed demo
+	$(VENV)/bin/securefed run
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -14,7 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from securefed.errors import ConfigError, ProtocolAbort, SecurefedError
+from securefed.cli_init import add_init_command
+from securefed.cli_keys import add_keys_commands
 from securefed.cli_ledger import add_ledger_commands
+from securefed.cli_run import add_run_command
 
 __all__ = ["main"]
 
@@ -127,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="securefed", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_run_command(sub)
 
     demo = sub.add_parser("demo", help="secure aggregation among simulated hospitals, showing what the coordinator sees")
     demo.add_argument("--sites", type=int, default=8)
@@ -149,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     attack.set_defaults(func=_cmd_attacks)
 
     add_ledger_commands(sub)
+    add_init_command(sub)
+    add_keys_commands(sub)
     return parser
 
 

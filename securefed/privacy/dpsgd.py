@@ -5,19 +5,16 @@ whose :meth:`~PrivateTraining.train_round` runs one federated round of DP-SGD (A
 Poisson sampling at rate q = batch_size / n, per-example clipping to ``max_grad_norm``, Gaussian
 noise N(0, (z C)^2) on the clipped sum, division by the expected batch size.
 
-Composition across rounds. One training object lives as long as the site's federation: round r
-is charged with its own ``steps_per_round`` steps, and :meth:`~PrivateTraining.epsilon` composes
-the events of ALL rounds so far (from the ledger when one is attached, which is then the source of
-truth, else from this object's history, which :meth:`~PrivateTraining.state_dict` carries over a
-process restart). Building a fresh Opacus ``PrivacyEngine`` every round, as Flower's Opacus
-example does, reports the epsilon of the last round alone. We use Opacus for per-sample gradients,
-clipping, noise and physical batching only; its accountant is never created.
+Composition across rounds. One training object lives as long as the site's federation; its
+:meth:`~PrivateTraining.epsilon` composes ALL rounds so far (from the ledger, the source of truth,
+when one is attached). A fresh Opacus ``PrivacyEngine`` per round, as Flower's Opacus example
+has, reports the last round alone. Opacus gives per-sample gradients, clipping, noise and
+physical batching only; its accountant is never created.
 
 Charge first. ``train_round`` charges the round's :class:`PoissonSampledGaussian` event (to the
 ledger, and against ``target_epsilon`` for a calibrated training) BEFORE the first record is read,
-so a refused round touches no data. A round that fails after it started keeps its charge (the data
-was touched: never under-count), and the model is restored to its start-of-round parameters so a
-half-trained or NaN model is never shared. A failed round is retried under a new ``round_id``.
+so a refused round touches no data. A round that fails after it started keeps its charge (never
+under-count), and the model is restored to its start-of-round parameters; retry under a new id.
 
 Losses. ``loss_fn(outputs, targets)`` returns per-example losses of shape (B,) (e.g.
 ``nn.CrossEntropyLoss(reduction="none")`` or :mod:`securefed.privacy.losses`), or the batch MEAN
@@ -152,8 +149,7 @@ class PrivateTraining:
 
     @property
     def data_loader(self) -> DataLoader:
-        """A Poisson-sampled loader like the one a round uses (fresh randomness; for inspection:
-        iterating it yourself trains without charging anything)."""
+        """A Poisson-sampled loader like a round's (fresh randomness; iterating it charges nothing)."""
         return self._loader(torch.Generator().manual_seed(self._seed_for("inspect", "-", "-")))
 
     def epsilon(self, delta: float | None = None) -> float:
@@ -170,7 +166,8 @@ class PrivateTraining:
         return compose_epsilon(self.events, delta=delta, accountant=self.plan.accountant)
 
     def train_round(self, loss_fn: Callable[[Any, Any], torch.Tensor], *, round_id: str | int,
-                    unpack_batch: Callable[[Any], tuple[Any, Any]] | None = None) -> RoundReport:
+                    unpack_batch: Callable[[Any], tuple[Any, Any]] | None = None,
+                    replay_charged: bool = False) -> RoundReport:
         """Charge one round, then run its ``steps_per_round`` DP-SGD steps.
 
         Raises PrivacyBudgetExceeded before any record is read when the round would exceed the
@@ -179,6 +176,9 @@ class PrivateTraining:
         per-sample gradients do not have one row per record; PrivacyError for a NaN/inf loss or
         update, or a clipped sum longer than its per-sample norms allow. A round that fails after
         its charge keeps it, and the model is restored to the start of the round.
+
+        ``replay_charged=True`` (resuming after a crash) reuses the ledger's charge for ``round_id``
+        (see :func:`~securefed.privacy.dpsgd_checks.replayable_charge`).
         """
         if self._hooks is None and self._clipper is None:
             raise ConfigError("this PrivateTraining was closed; it can train no more rounds")
@@ -189,7 +189,9 @@ class PrivateTraining:
             raise ConfigError(f"round {key!r} was already charged by this training; every round needs a "
                               "new round_id (a failed round keeps its charge: retry it under a new id)")
         event = self.plan.round_event()
-        entry = self._charge(event, key)
+        replayable = replay_charged and self.ledger is not None and not self._distributed
+        entry = checks.replayable_charge(self.ledger, event, key, seeded=self._seed is not None) if replayable else None
+        entry = entry if entry is not None else self._charge(event, key)
         serial = f"seq={entry.seq}" if entry is not None else f"index={len(self._rounds)}"
         self._rounds.append((key, event))
         snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -430,7 +432,6 @@ class PrivateTraining:
                 p.grad_sample = p.new_zeros((0, *p.shape))
             elif p.grad is None:
                 p.grad = torch.zeros_like(p)
-
 
 
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer | OptimizerFactory,

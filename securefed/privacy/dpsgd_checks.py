@@ -453,6 +453,25 @@ def _is_dp_sgd(event: object) -> bool:
     return isinstance(event, PoissonSampledGaussian) and event.unit is PrivacyUnit.RECORD
 
 
+def replayable_charge(ledger: PrivacyLedger, event: PoissonSampledGaussian, key: str, *, seeded: bool) -> Any:
+    """The ledger's DP-SGD charge for round ``key`` that a replay of that round may reuse, or None.
+
+    A replay is only harmless when it reproduces the release: the same mechanism (checked here)
+    and the same randomness, which needs a seeded training (noise and sampling derive from the
+    seed and the charge's sequence number).
+    """
+    if not seeded:
+        raise ConfigError("replay_charged=True needs a seed: without one a replay would draw fresh noise "
+                          "and release a second, differently noised update under the same charge")
+    charges = [e for e in ledger.entries() if e.round_id == key and e.event is not None and _is_dp_sgd(e.event)]
+    if not charges:
+        return None
+    if len(charges) > 1 or charges[0].event != event:
+        raise PrivacyError(f"the ledger's DP-SGD charge for round {key!r} is not this round's mechanism "
+                           f"({charges[0].event} vs {event}); it cannot be replayed")
+    return charges[0]
+
+
 def dp_sgd_events(ledger: PrivacyLedger) -> list[PoissonSampledGaussian]:
     """The record-level Poisson-sampled Gaussian events the ledger composes (DP-SGD's kind)."""
     return [event for event in ledger.events() if _is_dp_sgd(event)]

@@ -37,6 +37,7 @@ __all__ = [
     "ClientMessage",
     "Message",
     "decode_message",
+    "message_kind_name",
     "advertisement_statement",
     "survivors_statement",
 ]
@@ -412,6 +413,15 @@ _BY_KIND: dict[int, type] = {
     for cls in (RoundSetup, KeyAdvertisement, KeyDirectory, ShareBundle, ShareDelivery, MaskedInput,
                 SurvivorList, ConsistencySignature, UnmaskRequest, UnmaskShares)
 }
+
+
+def message_kind_name(data: bytes) -> str:
+    """The class name of the message whose encoding starts ``data``, from its header alone."""
+    head = bytes(data[:6])
+    if len(head) < 6 or head[:4] != _MAGIC:
+        return "malformed"
+    cls = _BY_KIND.get(head[5])
+    return cls.__name__ if cls is not None else "malformed"
 
 
 def decode_message(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:

@@ -1,0 +1,85 @@
+"""``securefed run``: the main job, a federated training run from a config (or the built-in default).
+
+Progress goes to stderr; the per-round table and each site's epsilon (or, with ``--json``, the
+summary as JSON) go to stdout. ``--resume DIR`` continues a run that was stopped or killed, from
+its last completed round, without charging any site twice for a round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from securefed.errors import ConfigError
+
+__all__ = ["add_run_command"]
+
+
+def _print_table(result: Any, config: Any, stream: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=stream, highlight=False)
+    metric_names = sorted({k for r in result.rounds for k in r.metrics})
+    rounds = Table(title=f"{config.federation.aggregation.value} federation: {result.summary['task']}")
+    rounds.add_column("round", justify="right")
+    for name in metric_names:
+        rounds.add_column(name, justify="right")
+    rounds.add_column("sites in sum", justify="right")
+    rounds.add_column("notes")
+    for r in result.rounds:
+        note = r.failure or ", ".join(f"{s}: {why}" for s, why in {**r.refusals, **r.rejected}.items())
+        rounds.add_row(str(r.round), *[f"{r.metrics[m]:.4f}" if m in r.metrics else "" for m in metric_names],
+                       f"{len(r.survivors)}/{len(r.cohort)}", note[:60])
+    console.print(rounds)
+    sites = Table(title="privacy spent per site (whole run)")
+    for column in ("site", "epsilon", "delta", "budget", "rounds trained"):
+        sites.add_column(column, justify="left" if column == "site" else "right")
+    for name, s in result.sites.items():
+        sites.add_row(name, "-" if s.epsilon is None else f"{s.epsilon:.3f}", "-" if s.delta is None else f"{s.delta:g}",
+                      "-" if s.budget_epsilon is None else f"{s.budget_epsilon:g}", str(s.rounds_trained))
+    console.print(sites)
+    final = ", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items())
+    console.print(f"final model on the global test set: {final}")
+    console.print(f"run directory: {result.run_dir}  (summary.json, metrics.jsonl, model.pt, sites/*/ledger.sqlite)")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from securefed.federation.config import default_config, load_config
+    from securefed.federation.runtime import Federation
+
+    if args.resume is not None:
+        if args.config is not None:
+            raise ConfigError("give either a CONFIG to start a run or --resume DIR to continue one, not both")
+        federation = Federation.resume(args.resume)
+    else:
+        config = load_config(args.config) if args.config is not None else default_config()
+        federation = Federation(config, run_dir=args.run_dir)
+    config = federation.config
+    show_progress = not args.json and not args.quiet
+    if show_progress:
+        where = "the built-in default" if args.config is None and args.resume is None else (args.config or args.resume)
+        print(f"securefed run: {len(config.site_names())} sites, {config.federation.rounds} rounds, "
+              f"{config.federation.aggregation.value} aggregation ({where})", file=sys.stderr)
+    result = federation.run(progress=show_progress)
+    if args.json:
+        json.dump(result.summary, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif not args.quiet:
+        _print_table(result, config, sys.stdout)
+    return 0
+
+
+def add_run_command(sub: Any) -> None:
+    run = sub.add_parser("run", help="run federated training (the built-in default when no CONFIG is given)",
+                         description=__doc__)
+    run.add_argument("config", nargs="?", type=Path, help="a TOML config (see `securefed init`)")
+    run.add_argument("--resume", metavar="DIR", type=Path, help="continue the run in DIR from its last completed round")
+    run.add_argument("--run-dir", metavar="DIR", type=Path,
+                     help="where to write the run (default: a new directory under ./runs)")
+    run.add_argument("--json", action="store_true", help="print the run's summary as JSON on stdout")
+    run.add_argument("--quiet", action="store_true", help="no progress and no table")
+    run.set_defaults(func=_cmd_run)

@@ -1,0 +1,104 @@
+"""The checks of a federation config that look across sections and modules (no data loading).
+
+``validate`` is exported by :mod:`securefed.federation.config`; it lives here to keep that
+module to reading and writing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from securefed.data import DataConfig
+from securefed.errors import ConfigError
+from securefed.federation.config_sections import Aggregation
+
+if TYPE_CHECKING:
+    from securefed.data import TaskSpec
+    from securefed.federation.config import FederationConfig
+
+__all__ = ["validate", "prefixed"]
+
+
+def prefixed(label: str, problems: list[str]) -> list[str]:
+    """Say where each problem is ("[privacy] ...") unless it already does ("data.alpha ...")."""
+    name = label.strip("[]")
+    return [p if p.startswith(("[", f"{name}.", f"{name}:")) else f"{label} {p}" for p in problems]
+
+
+_BREAST_CANCER_FEATURES = 30  # the Wisconsin data's 30 real-valued features
+
+
+def _known_spec(data: DataConfig) -> TaskSpec | None:
+    """The task spec of an embedded data kind (known without loading); None for the user's files."""
+    from securefed.data import DataKind, TaskKind, TaskSpec
+    from securefed.data.embedded import synthetic_shape
+
+    if data.kind is DataKind.BREAST_CANCER:
+        return TaskSpec(kind=TaskKind.CLASSIFICATION, input_shape=(_BREAST_CANCER_FEATURES,),
+                        spatial_dims=0, num_classes=2)
+    if data.kind in (DataKind.SYNTHETIC_SEG2D, DataKind.SYNTHETIC_SEG3D):
+        dims = 2 if data.kind is DataKind.SYNTHETIC_SEG2D else 3
+        return TaskSpec(kind=TaskKind.SEGMENTATION, input_shape=(1,) + (synthetic_shape(data)[1],) * dims,
+                        spatial_dims=dims, num_classes=2)
+    return None
+
+
+def _model_problems(config: FederationConfig) -> list[str]:
+    # The user's own data has to be opened to know its shape: the run checks the model then.
+    from securefed.models import model_problems
+
+    spec = _known_spec(config.data)
+    return [] if spec is None else prefixed("[model]", model_problems(config.model, spec))
+
+
+def _secagg_problems(config: FederationConfig) -> list[str]:
+    if config.federation.aggregation is not Aggregation.SECAGG:
+        return []
+    n = config.cohort_size()
+    if n < 2:
+        return [f"[secagg] secure aggregation needs at least 2 sites per round, but sites_per_round = {n}; "
+                "raise sites_per_round (or 0 for every site) or use aggregation = \"plain\""]
+    try:  # the same checks every site runs on a round's configuration
+        config.secagg_config().round_config(n_sites=n, vector_length=1, round_id=0,
+                                            roster_digest=bytes(32), graph_seed=bytes(32))
+    except ConfigError as error:
+        return [f"[secagg] with {n} sites per round: {p}" for p in error.problems]
+    return []
+
+
+def _privacy_problems(config: FederationConfig) -> list[str]:
+    privacy = config.privacy
+    if not privacy.enabled or privacy.noise_multiplier is not None:
+        return []
+    # DP-SGD is calibrated to spend target_epsilon over the run; a smaller ledger budget would
+    # stop every such site before the last round.
+    target = privacy.target_epsilon
+    short = [s for s in config.sites if privacy.budget_epsilon_for(s) < target]
+    if not short:
+        return []
+    if privacy.budget_epsilon is not None and privacy.budget_epsilon < target and all(
+            s.epsilon_budget is None for s in short):
+        return [f"[privacy] budget_epsilon = {privacy.budget_epsilon:g} is below target_epsilon = {target:g}: "
+                "the training is calibrated to spend target_epsilon, so every ledger would stop the run "
+                "before its last round; raise budget_epsilon or lower target_epsilon"]
+    listed = ", ".join(f"{s.name} ({privacy.budget_epsilon_for(s):g})" for s in short)
+    return [f"[[sites]] epsilon_budget of {listed} is below target_epsilon = {target:g}: the training is "
+            "calibrated to spend target_epsilon, so these ledgers would stop the run before its last round; "
+            "raise their epsilon_budget or lower target_epsilon"]
+
+
+def validate(config: FederationConfig) -> None:
+    """Check what spans sections, without loading data: the data source for these sites, the
+    model for the task, secure aggregation for the cohort size, and the privacy budgets.
+
+    Raises :class:`ConfigError` listing every problem. Checks that need the loaded data (a
+    budget too small for one round, a model that does not fit) happen when a run starts.
+    """
+    from securefed.data import data_problems
+
+    problems = prefixed("[data]", data_problems(config.data, sites=config.site_names()))
+    problems += _model_problems(config)
+    problems += _secagg_problems(config)
+    problems += _privacy_problems(config)
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,271 @@
+"""The sections of a federation config, each a frozen dataclass checked on construction.
+
+Strings are accepted where the TOML has them and stored as Enums; every section reports all of
+its problems at once in one :class:`~securefed.errors.ConfigError`. The whole config and its
+reading and writing live in :mod:`securefed.federation.config`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from securefed.errors import ConfigError
+from securefed.federation.training_settings import TrainingSettings
+
+if TYPE_CHECKING:
+    from securefed.privacy import AccountantKind, ClippingMode, DPSGDConfig, PrivacyBudget
+    from securefed.secagg import SecAggConfig
+
+__all__ = [
+    "Aggregation",
+    "RunSettings",
+    "SiteSpec",
+    "SecAggSettings",
+    "PrivacySettings",
+    "EvaluationSettings",
+    "DEFAULT_SITES",
+    "MAX_SITES",
+    "HE_UNAVAILABLE",
+    "numbered_sites",
+    "site_name_problems",
+]
+
+DEFAULT_SITES = 4
+MAX_SITES = 10_000  # a simulation bound: every site is a process-local object (or a worker's)
+MAX_SITE_NAME = 64
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+HE_UNAVAILABLE = ('aggregation = "he" (homomorphic encryption) is not available in this release; '
+                  'use "secagg" (or "plain" for a non-private baseline)')
+
+
+class Aggregation(Enum):
+    """How site updates are combined: secure aggregation, homomorphic encryption, or in the clear."""
+
+    SECAGG = "secagg"
+    HE = "he"
+    PLAIN = "plain"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _int_at_least(name: str, value: object, low: int, problems: list[str], meaning: str = "") -> None:
+    if not _is_int(value) or value < low:  # type: ignore[operator]
+        problems.append(f"{name} must be an integer >= {low}{meaning}, got {value!r}")
+
+
+def _positive(name: str, value: object, problems: list[str], unset: str = "") -> None:
+    if not _is_number(value) or value <= 0:  # type: ignore[operator]
+        problems.append(f"{name} must be a finite number > 0{unset}, got {value!r}")
+
+
+def _enum(cls: type[Enum], name: str, value: object, problems: list[str]) -> Any:
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        try:
+            return cls(value.strip().lower())
+        except ValueError:
+            pass
+    allowed = ", ".join(f'"{m.value}"' for m in cls)
+    problems.append(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def _as_float(obj: object, *names: str) -> None:
+    for name in names:  # ints are accepted for float fields and stored as floats
+        value = getattr(obj, name)
+        if _is_number(value):
+            object.__setattr__(obj, name, float(value))
+
+
+def site_name_problems(name: object) -> list[str]:
+    """Why ``name`` cannot name a site (it becomes a directory and a file name); [] if it can."""
+    if not isinstance(name, str):
+        return [f"a site name must be a string, got {type(name).__name__}"]
+    if not name:
+        return ["a site name must not be empty"]
+    if len(name) > MAX_SITE_NAME:
+        return [f"site name {name[:20]!r}... is {len(name)} characters; the limit is {MAX_SITE_NAME}"]
+    if not _SITE_NAME.match(name):
+        return [f"site name {name!r} may hold only letters, digits, '-', '_' and '.', starting with a "
+                "letter or digit (it names the site's folder and key files)"]
+    return []
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """The ``[federation]`` section, less the site list (see :attr:`FederationConfig.sites`)."""
+
+    rounds: int = 5
+    aggregation: Aggregation = Aggregation.SECAGG
+    seed: int = 0
+    sites_per_round: int = 0  # 0 = every site every round
+    workers: int = 0          # 0 = every site in this process
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        object.__setattr__(self, "aggregation", _enum(Aggregation, "aggregation", self.aggregation, problems))
+        if self.aggregation is Aggregation.HE:
+            problems.append(HE_UNAVAILABLE)
+        _int_at_least("rounds", self.rounds, 1, problems)
+        _int_at_least("seed", self.seed, 0, problems)
+        _int_at_least("sites_per_round", self.sites_per_round, 0, problems, " (0 = every site)")
+        _int_at_least("workers", self.workers, 0, problems, " (0 = no worker processes)")
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteSpec:
+    """One hospital: its name and, optionally, its own epsilon budget."""
+
+    name: str
+    epsilon_budget: float | None = None
+
+    def __post_init__(self) -> None:
+        problems = site_name_problems(self.name)
+        if self.epsilon_budget is not None:
+            _positive("epsilon_budget", self.epsilon_budget, problems, " (or unset)")
+            _as_float(self, "epsilon_budget")
+        if problems:
+            raise ConfigError(problems)
+
+
+def numbered_sites(count: int) -> tuple[SiteSpec, ...]:
+    """``count`` sites named site-1 .. site-N, without budget overrides."""
+    return tuple(SiteSpec(name=f"site-{i}") for i in range(1, count + 1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecAggSettings:
+    """The ``[secagg]`` section (see :class:`securefed.secagg.SecAggConfig`).
+
+    ``neighbors`` is ``"auto"``, ``"all"`` (the complete graph) or an even integer;
+    ``threshold`` None picks the safe default for the cohort.
+    """
+
+    neighbors: int | str = "auto"
+    threshold: int | None = None
+    bit_width: int = 32
+    clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        from securefed.secagg.config import SecAggConfig
+
+        problems: list[str] = []
+        k, t = self.neighbors, self.threshold
+        if isinstance(k, str) and k.strip().lower() in ("auto", "all"):
+            k = k.strip().lower()
+            object.__setattr__(self, "neighbors", k)
+        elif not _is_int(k) or k < 2 or k % 2:  # type: ignore[operator]
+            problems.append(f'neighbors must be "auto", "all" or an even integer >= 2, got {k!r}')
+            k = "auto"
+        if t is not None and (not _is_int(t) or t < 2):
+            problems.append(f"threshold must be an integer >= 2 (or unset for the default), got {t!r}")
+            t = None
+        _as_float(self, "clip")
+        try:  # the protocol's own checks of bit_width and clip (bad fields above swapped for defaults)
+            SecAggConfig(neighbors=None if k == "all" else k, threshold=t, bit_width=self.bit_width,
+                         clip=self.clip, max_weight=1.0)
+        except ConfigError as error:
+            problems.extend(error.problems)
+        if problems:
+            raise ConfigError(problems)
+
+    def to_secagg_config(self) -> SecAggConfig:
+        """The protocol's config; every site weighs its update 1.0 (so ``max_weight=1.0``)."""
+        from securefed.secagg.config import SecAggConfig
+
+        return SecAggConfig(neighbors=None if self.neighbors == "all" else self.neighbors,
+                            threshold=self.threshold, bit_width=self.bit_width, clip=self.clip,
+                            max_weight=1.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacySettings:
+    """The ``[privacy]`` section: DP-SGD at every site and each site's ledger budget."""
+
+    enabled: bool = True
+    target_epsilon: float = 3.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None  # None = calibrate to target_epsilon
+    accountant: AccountantKind | str = "rdp"
+    clipping: ClippingMode | str = "auto"
+    budget_epsilon: float | None = None    # None = target_epsilon
+
+    def __post_init__(self) -> None:
+        from securefed.privacy.accounting import accountant_kind
+        from securefed.privacy.dpsgd_config import clipping_mode
+
+        problems: list[str] = []
+        if not isinstance(self.enabled, bool):
+            problems.append(f"enabled must be true or false, got {self.enabled!r}")
+        _positive("target_epsilon", self.target_epsilon, problems)
+        if not _is_number(self.delta) or not 0 < self.delta < 1:  # type: ignore[operator]
+            problems.append(f"delta must be a number in (0, 1), well below 1 / (records per site), "
+                            f"got {self.delta!r}")
+        _positive("max_grad_norm", self.max_grad_norm, problems)
+        if self.noise_multiplier is not None:
+            _positive("noise_multiplier", self.noise_multiplier, problems, " (or 0 to calibrate)")
+        if self.budget_epsilon is not None:
+            _positive("budget_epsilon", self.budget_epsilon, problems, " (or 0 for target_epsilon)")
+        for name, parse in (("accountant", accountant_kind), ("clipping", clipping_mode)):
+            try:
+                object.__setattr__(self, name, parse(getattr(self, name)))
+            except ConfigError as error:
+                problems.extend(error.problems)
+        _as_float(self, "target_epsilon", "delta", "max_grad_norm", "noise_multiplier", "budget_epsilon")
+        if problems:
+            raise ConfigError(problems)
+
+    def dpsgd_config(self, training: TrainingSettings, rounds: int) -> DPSGDConfig | None:
+        """Each site's DP-SGD settings for a run of ``rounds`` rounds; None when privacy is off."""
+        if not self.enabled:
+            return None
+        from securefed.privacy.dpsgd_config import DPSGDConfig
+
+        calibrate = self.noise_multiplier is None
+        return DPSGDConfig(
+            max_grad_norm=self.max_grad_norm, delta=self.delta, batch_size=training.batch_size,
+            target_epsilon=self.target_epsilon if calibrate else None,
+            noise_multiplier=self.noise_multiplier, planned_rounds=rounds,
+            epochs_per_round=training.epochs_per_round, steps_per_round=training.steps_per_round,
+            max_physical_batch_size=training.max_physical_batch_size,
+            accountant=self.accountant, clipping=self.clipping, device=training.device,
+        )
+
+    def budget_epsilon_for(self, site: SiteSpec) -> float:
+        """The site's own budget, else ``budget_epsilon``, else ``target_epsilon``."""
+        if site.epsilon_budget is not None:
+            return site.epsilon_budget
+        return self.budget_epsilon if self.budget_epsilon is not None else self.target_epsilon
+
+    def budget_for(self, site: SiteSpec) -> PrivacyBudget:
+        """The hard (epsilon, delta) budget of ``site``'s privacy ledger."""
+        from securefed.privacy.ledger_records import PrivacyBudget
+
+        return PrivacyBudget(epsilon=self.budget_epsilon_for(site), delta=self.delta)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluationSettings:
+    """The ``[evaluation]`` section."""
+
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _int_at_least("every", self.every, 1, problems)
+        if problems:
+            raise ConfigError(problems)

@@ -1,0 +1,212 @@
+"""The federation's own messages, wrapped around the secure-aggregation ones.
+
+Every message between the coordinator and a site is bytes in this versioned, length-checked
+format (no pickle). The coordinator sends :class:`RoundStart` (the global model and, under secure
+aggregation, the protocol's setup message), relays protocol messages in :class:`ProtocolRelay`,
+and announces each new global model in :class:`ModelRelease`. A site answers with a relay, a
+:class:`PlainUpdate` (the non-private baseline only), a :class:`SiteRefusal` or an
+:class:`Acknowledgement`. Nothing else ever reaches the coordinator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from securefed.errors import MalformedMessageError
+from securefed.serialization import Reader, Writer
+
+__all__ = [
+    "Acknowledgement",
+    "FederationMessage",
+    "ModelRelease",
+    "PlainUpdate",
+    "ProtocolRelay",
+    "RoundStart",
+    "SiteRefusal",
+    "decode_federation_message",
+    "message_kind",
+    "model_digest",
+    "AGGREGATION_CODES",
+]
+
+_MAGIC = b"SFFD"
+WIRE_VERSION = 1
+MAX_TEXT = 4096
+AGGREGATION_CODES = {"plain": 0, "secagg": 1, "he": 2}
+
+
+def model_digest(vector: np.ndarray) -> bytes:
+    """SHA-256 of a flat float32 model vector (little-endian), naming the model a round trains."""
+    return hashlib.sha256(np.ascontiguousarray(vector, dtype="<f4").tobytes()).digest()
+
+
+def _header(kind: int) -> Writer:
+    return Writer().fixed(_MAGIC, 4).u8(WIRE_VERSION).u8(kind)
+
+
+def _text(w: Writer, text: str) -> Writer:
+    return w.blob(text.encode("utf-8")[:MAX_TEXT])
+
+
+def _read_text(r: Reader, field: str) -> str:
+    try:
+        return r.blob(field, max_size=MAX_TEXT).decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedMessageError(f"federation message: {field} is not UTF-8") from None
+
+
+def _f32(r: Reader, field: str) -> np.ndarray:
+    values = r.array(field)
+    if values.dtype != np.dtype("<f4"):
+        raise MalformedMessageError(f"federation message: {field} must be float32, got {values.dtype}")
+    return values
+
+
+@dataclass(frozen=True, eq=False)
+class RoundStart:
+    """Coordinator -> site: train round ``round`` from ``model`` and join protocol round ``protocol_round``."""
+
+    KIND = 1
+    round: int
+    protocol_round: int
+    aggregation: str  # "plain" | "secagg" | "he"
+    model: np.ndarray  # float32, the global model the round starts from
+    setup: bytes  # the secure-aggregation RoundSetup message (empty for plain)
+
+    def encode(self) -> bytes:
+        w = _header(self.KIND).u32(self.round).u64(self.protocol_round).u8(AGGREGATION_CODES[self.aggregation])
+        return w.array(np.ascontiguousarray(self.model, dtype="<f4")).blob(self.setup).getvalue()
+
+    @classmethod
+    def _decode(cls, r: Reader) -> RoundStart:
+        round_, protocol_round, code = r.u32("round"), r.u64("protocol round"), r.u8("aggregation")
+        names = {v: k for k, v in AGGREGATION_CODES.items()}
+        if code not in names:
+            raise MalformedMessageError(f"federation message: unknown aggregation code {code}")
+        return cls(round_, protocol_round, names[code], _f32(r, "model"), r.blob("setup"))
+
+
+@dataclass(frozen=True, eq=False)
+class ProtocolRelay:
+    """Either direction: one secure-aggregation message, as bytes, for round ``protocol_round``."""
+
+    KIND = 2
+    protocol_round: int
+    payload: bytes
+
+    def encode(self) -> bytes:
+        return _header(self.KIND).u64(self.protocol_round).blob(self.payload).getvalue()
+
+    @classmethod
+    def _decode(cls, r: Reader) -> ProtocolRelay:
+        return cls(r.u64("protocol round"), r.blob("payload"))
+
+
+@dataclass(frozen=True, eq=False)
+class PlainUpdate:
+    """Site -> coordinator, non-private baseline only: the update itself, in the clear."""
+
+    KIND = 3
+    round: int
+    weight: float
+    update: np.ndarray
+
+    def encode(self) -> bytes:
+        w = _header(self.KIND).u32(self.round).f64(self.weight)
+        return w.array(np.ascontiguousarray(self.update, dtype="<f4")).getvalue()
+
+    @classmethod
+    def _decode(cls, r: Reader) -> PlainUpdate:
+        return cls(r.u32("round"), r.f64("weight"), _f32(r, "update"))
+
+
+@dataclass(frozen=True, eq=False)
+class SiteRefusal:
+    """Site -> coordinator: the site will not take part in ``round`` (a short public reason)."""
+
+    KIND = 4
+    round: int
+    reason: str
+
+    def encode(self) -> bytes:
+        return _text(_header(self.KIND).u32(self.round), self.reason).getvalue()
+
+    @classmethod
+    def _decode(cls, r: Reader) -> SiteRefusal:
+        return cls(r.u32("round"), _read_text(r, "reason"))
+
+
+@dataclass(frozen=True, eq=False)
+class ModelRelease:
+    """Coordinator -> site: the global model after ``round`` (0: the initial model)."""
+
+    KIND = 5
+    round: int
+    model: np.ndarray
+
+    def encode(self) -> bytes:
+        return _header(self.KIND).u32(self.round).array(np.ascontiguousarray(self.model, dtype="<f4")).getvalue()
+
+    @classmethod
+    def _decode(cls, r: Reader) -> ModelRelease:
+        return cls(r.u32("round"), _f32(r, "model"))
+
+
+@dataclass(frozen=True, eq=False)
+class Acknowledgement:
+    """Site -> coordinator: received (carries nothing about the site's data)."""
+
+    KIND = 6
+    round: int
+
+    def encode(self) -> bytes:
+        return _header(self.KIND).u32(self.round).getvalue()
+
+    @classmethod
+    def _decode(cls, r: Reader) -> Acknowledgement:
+        return cls(r.u32("round"))
+
+
+FederationMessage = RoundStart | ProtocolRelay | PlainUpdate | SiteRefusal | ModelRelease | Acknowledgement
+_BY_KIND = {cls.KIND: cls for cls in (RoundStart, ProtocolRelay, PlainUpdate, SiteRefusal, ModelRelease, Acknowledgement)}
+
+
+def decode_federation_message(data: bytes) -> FederationMessage:
+    """Decode one federation message, or raise MalformedMessageError saying why not."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MalformedMessageError(f"federation message must be bytes, got {type(data).__name__}")
+    r = Reader(data, what="federation message")
+    if r.fixed(4, "magic") != _MAGIC:
+        raise MalformedMessageError("not a securefed federation message (bad magic bytes)")
+    version = r.u8("version")
+    if version != WIRE_VERSION:
+        raise MalformedMessageError(f"federation message version {version} is not supported (expected {WIRE_VERSION})")
+    kind = r.u8("kind")
+    cls = _BY_KIND.get(kind)
+    if cls is None:
+        raise MalformedMessageError(f"unknown federation message kind {kind}")
+    message = cls._decode(r)
+    r.finish()
+    return message
+
+
+def message_kind(data: bytes) -> str:
+    """The kind of a federation message from its header alone (relays: the protocol message's kind).
+
+    For transcripts and logs: cheap, never raises, and reads nothing beyond the headers.
+    """
+    view = bytes(data[:64])
+    if len(view) < 6 or view[:4] != _MAGIC:
+        return "malformed"
+    cls = _BY_KIND.get(view[5])
+    if cls is None:
+        return "malformed"
+    if cls is ProtocolRelay:
+        inner = view[6 + 8 + 4:]  # after the header, the protocol round (u64) and the blob length (u32)
+        from securefed.secagg.messages import message_kind_name
+
+        return f"ProtocolRelay/{message_kind_name(inner)}"
+    return cls.__name__

@@ -1,0 +1,232 @@
+"""The embedded runtime: a whole federation in one process (or sites in worker processes).
+
+:class:`Federation` turns a :class:`~securefed.federation.config.FederationConfig` into a run:
+it loads the task, checks everything that can be checked before training (the model fits the
+data, every site's budget covers at least one round), creates the run directory with one
+workspace per site, and runs the rounds. The coordinator talks to the sites only through a
+:class:`~securefed.federation.transport.Transport`. After every completed round the run directory
+holds a consistent checkpoint; :meth:`Federation.resume` continues a killed run from it, and a
+round that was cut short is replayed by every site from the same model under the charge it
+already made, so no budget is charged twice for one round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from securefed.errors import ConfigError
+from securefed.federation.checkpoint import RunState, load_checkpoint, next_attempt, save_checkpoint
+from securefed.federation.coordinator import Coordinator, RoundOutcome
+from securefed.federation.messages import message_kind
+from securefed.federation.result import FederationResult, RoundRecord, write_run_outputs
+from securefed.federation.setup import SiteRecipe, build_site, federation_random, make_identities, site_spec
+from securefed.federation.transport import InProcessTransport, RecordingTransport, Transport
+from securefed.primitives._files import write_atomic
+from securefed.primitives.keys import Roster
+
+__all__ = ["Federation", "MAX_ATTEMPTS"]
+
+MAX_ATTEMPTS = 1000  # protocol round id = round * MAX_ATTEMPTS + attempt
+_RUN_FILE = "run.json"
+
+
+def _cohort(names: list[str], per_round: int, seed: int, round_: int) -> list[str]:
+    if not per_round or per_round >= len(names):
+        return list(names)
+    rng = np.random.default_rng(int.from_bytes(federation_random(seed).fork(f"cohort/{round_}").random_bytes(8), "little"))
+    return sorted(rng.choice(names, size=per_round, replace=False).tolist(), key=names.index)
+
+
+class Federation:
+    """A federated training run described by a config; ``run()`` trains and returns the result."""
+
+    def __init__(self, config: Any, *, run_dir: str | os.PathLike[str] | None = None) -> None:
+        from securefed.federation.config import FederationConfig, validate
+
+        if not isinstance(config, FederationConfig):
+            raise ConfigError(f"config must be a FederationConfig, got {type(config).__name__}")
+        validate(config)
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._resuming = False
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], *, run_dir: str | os.PathLike[str] | None = None) -> Federation:
+        from securefed.federation.config import load_config
+
+        return cls(load_config(path), run_dir=run_dir)
+
+    @classmethod
+    def resume(cls, run_dir: str | os.PathLike[str]) -> Federation:
+        """The run in ``run_dir`` (its config as saved when it started), ready to continue."""
+        from securefed.federation.config import parse_config
+
+        where = Path(run_dir)
+        if not (where / _RUN_FILE).is_file():
+            raise ConfigError(f"{where} is not a securefed run directory (no {_RUN_FILE}); pass the directory "
+                              "that `securefed run` printed")
+        try:
+            saved = json.loads((where / _RUN_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{where / _RUN_FILE} is unreadable ({exc})") from None
+        federation = cls(parse_config(saved["config"], base_dir=where), run_dir=where)
+        federation._resuming = True
+        return federation
+
+    # ------------------------------------------------------------------ running
+    def run(self, *, progress: bool = False, on_round: Callable[[RoundRecord], None] | None = None,
+            keep_transcript: bool = False) -> FederationResult:
+        """Train every round (or the rounds left, when resuming) and write the run directory.
+
+        ``progress`` shows a progress bar; ``on_round`` is called with each completed round's
+        record; ``keep_transcript`` keeps every byte the coordinator received (for inspection).
+        """
+        from securefed.data import load_task
+
+        config = self.config
+        names = config.site_names()
+        task = load_task(config.data, sites=names, seed=config.federation.seed)
+        evaluator = self._preflight(task)
+        run_dir = self._prepare_run_dir()
+        attempt = next_attempt(run_dir, limit=MAX_ATTEMPTS)
+        roster = make_identities(run_dir, names, config.federation.seed)
+        Roster.save(roster, run_dir / "roster.json", overwrite=True)
+        checkpoint = load_checkpoint(run_dir) if self._resuming else None
+        state = checkpoint or RunState(0, evaluator.initial_vector(), [])
+        transport, sites = self._transport(run_dir, task, roster)
+        recorder = RecordingTransport(transport, keep_payloads=keep_transcript, classify=message_kind)
+        coordinator = Coordinator(roster=roster, transport=recorder, aggregation=config.federation.aggregation.value,
+                                  policy=config.secagg_config())
+        started = time.perf_counter()
+        bar = _progress_bar(progress, total=config.federation.rounds, done=state.completed_rounds)
+        try:
+            for round_ in range(state.completed_rounds + 1, config.federation.rounds + 1):
+                record = self._round(coordinator, recorder, evaluator, task, state, round_, attempt, names)
+                state = RunState(round_, state.model, [*state.history, record.to_dict()])
+                save_checkpoint(run_dir, state)
+                if bar is not None:
+                    bar.advance(record)
+                if on_round is not None:
+                    on_round(record)
+            coordinator.release(round_=state.completed_rounds, model=state.model, sites=names)
+        finally:
+            if bar is not None:
+                bar.close()
+            recorder.close()
+            for site in sites:
+                site.close()
+        return write_run_outputs(run_dir=run_dir, config=config, task=task, state=state, evaluator=evaluator,
+                                 transcript=recorder.transcript, seconds=time.perf_counter() - started)
+
+    def _round(self, coordinator: Coordinator, recorder: RecordingTransport, evaluator: Any, task: Any,
+               state: RunState, round_: int, attempt: int, names: list[str]) -> RoundRecord:
+        config = self.config
+        seed = config.federation.seed
+        cohort = _cohort(names, config.federation.sites_per_round, seed, round_)
+        before = recorder.transcript.bytes_received
+        tick = time.perf_counter()
+        outcome: RoundOutcome = coordinator.run_round(
+            round_=round_, protocol_round=round_ * MAX_ATTEMPTS + attempt, cohort=cohort, model=state.model,
+            graph_seed=federation_random(seed).fork(f"graph/{round_}/{attempt}").random_bytes(32))
+        if outcome.mean_update is not None:
+            state.model = (state.model + outcome.mean_update).astype(np.float32)
+        metrics: dict[str, float] = {}
+        every = config.evaluation.every
+        if round_ % every == 0 or round_ == config.federation.rounds:
+            metrics = evaluator.evaluate(state.model, task.test)
+        return RoundRecord(round=round_, metrics=metrics, cohort=outcome.cohort, survivors=outcome.survivors,
+                           refusals=outcome.refusals, rejected=outcome.rejected, failure=outcome.failure,
+                           seconds=time.perf_counter() - tick,
+                           bytes_received=recorder.transcript.bytes_received - before)
+
+    # ------------------------------------------------------------------ before any training
+    def _preflight(self, task: Any) -> Any:
+        """Checks that need the data: the model fits it and each budget covers one round."""
+        from securefed.federation.evaluation import GlobalEvaluator
+        from securefed.privacy.accounting import compose_epsilon
+        from securefed.privacy.dpsgd_config import plan_training
+
+        config = self.config
+        evaluator = GlobalEvaluator(config, task)  # builds the model: ConfigError if it does not fit
+        dp = config.privacy.dpsgd_config(config.training, config.federation.rounds)
+        problems: list[str] = []
+        if dp is not None:
+            for site in task.sites:
+                try:
+                    plan = plan_training(dp, dataset_size=len(site.train))
+                except ConfigError as exc:
+                    problems.extend(f"site {site.name!r}: {p}" for p in exc.problems)
+                    continue
+                one_round = compose_epsilon([plan.round_event()], delta=plan.delta, accountant=plan.accountant)
+                budget = config.privacy.budget_for(site_spec(config, site.name))
+                if one_round > budget.epsilon:
+                    problems.append(
+                        f"site {site.name!r}: its budget of epsilon={budget.epsilon:g} cannot cover even one round "
+                        f"(one round of {plan.steps_per_round} DP-SGD steps at noise {plan.noise_multiplier:.3g} costs "
+                        f"epsilon={one_round:.3g}); raise the budget, or lower the cost per round (more noise, "
+                        "fewer steps_per_round or a smaller batch_size)")
+        if problems:
+            raise ConfigError(problems)
+        return evaluator
+
+    def _prepare_run_dir(self) -> Path:
+        from securefed.federation.config import config_to_dict
+
+        if self._resuming:
+            assert self.run_dir is not None
+            return self.run_dir
+        run_dir = self.run_dir
+        if run_dir is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            run_dir = Path("runs") / f"run-{stamp}-seed{self.config.federation.seed}"
+            suffix = 1
+            while run_dir.exists():
+                suffix += 1
+                run_dir = run_dir.with_name(f"run-{stamp}-seed{self.config.federation.seed}-{suffix}")
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"run directory {run_dir} already exists and is not empty; choose a new one, "
+                              f"or continue that run with `securefed run --resume {run_dir}`")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved = {"format": "securefed-run", "version": 1, "config": config_to_dict(self.config)}
+        write_atomic(run_dir / _RUN_FILE, json.dumps(saved, indent=1).encode(), mode=0o644, overwrite=False)
+        self.run_dir = run_dir
+        self._resuming = True  # from here on, running again continues this directory
+        return run_dir
+
+    def _transport(self, run_dir: Path, task: Any, roster: Roster) -> tuple[Transport, list[Any]]:
+        config = self.config
+        recipes = [SiteRecipe(config=config, name=name, run_dir=run_dir) for name in config.site_names()]
+        if config.federation.workers:
+            from securefed.federation.workers import WorkerProcessTransport
+
+            transport = WorkerProcessTransport(recipes, roster=roster, workers=config.federation.workers)
+            return transport, []
+        sites = [build_site(recipe, task, roster) for recipe in recipes]
+        return InProcessTransport({site.name: site for site in sites}), sites
+
+
+class _Bar:
+    def __init__(self, total: int, done: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), TextColumn("{task.fields[status]}"), transient=False)
+        self._task = self._progress.add_task("rounds", total=total, completed=done, status="")
+        self._progress.start()
+
+    def advance(self, record: RoundRecord) -> None:
+        self._progress.update(self._task, advance=1, status=record.status_line())
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def _progress_bar(enabled: bool, *, total: int, done: int) -> _Bar | None:
+    return _Bar(total, done) if enabled else None
