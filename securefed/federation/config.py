@@ -40,6 +40,7 @@ from securefed.federation.config_sections import (
     PrivacySettings,
     RunSettings,
     SecAggSettings,
+    SiteDPSettings,
     SiteSpec,
     numbered_sites,
     site_name_problems,
@@ -59,6 +60,7 @@ __all__ = [
     "SecAggSettings",
     "TrainingSettings",
     "PrivacySettings",
+    "SiteDPSettings",
     "EvaluationSettings",
     "FederationConfig",
     "DEFAULT_SITES",
@@ -97,7 +99,8 @@ def _site_list_problems(sites: tuple[SiteSpec, ...]) -> list[str]:
 # Each TOML section and the dataclass it becomes ([[sites]] and the site count aside).
 _SECTION_CLASSES: dict[str, type] = {
     "federation": RunSettings, "secagg": SecAggSettings, "data": DataConfig, "model": ModelConfig,
-    "training": TrainingSettings, "privacy": PrivacySettings, "evaluation": EvaluationSettings,
+    "training": TrainingSettings, "privacy": PrivacySettings, "site_dp": SiteDPSettings,
+    "evaluation": EvaluationSettings,
 }
 
 
@@ -124,6 +127,7 @@ class FederationConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    site_dp: SiteDPSettings = field(default_factory=SiteDPSettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
     def __post_init__(self) -> None:

@@ -87,6 +87,19 @@ def _privacy_problems(config: FederationConfig) -> list[str]:
             "raise their epsilon_budget or lower target_epsilon"]
 
 
+def _site_dp_problems(config: FederationConfig) -> list[str]:
+    if not config.site_dp.enabled:
+        return []
+    problems = []
+    if config.federation.aggregation is not Aggregation.SECAGG:
+        problems.append(f"[site_dp] mode = \"distributed\" needs aggregation = \"secagg\" (each site's share of "
+                        f"the noise is too small to be seen on its own), got \"{config.federation.aggregation.value}\"")
+    if not config.privacy.enabled:
+        problems.append("[site_dp] mode = \"distributed\" needs [privacy] enabled = true: the sites' ledgers "
+                        "and their budgets are set there")
+    return problems
+
+
 def validate(config: FederationConfig) -> None:
     """Check what spans sections, without loading data: the data source for these sites, the
     model for the task, secure aggregation for the cohort size, and the privacy budgets.
@@ -100,5 +113,6 @@ def validate(config: FederationConfig) -> None:
     problems += _model_problems(config)
     problems += _secagg_problems(config)
     problems += _privacy_problems(config)
+    problems += _site_dp_problems(config)
     if problems:
         raise ConfigError(problems)

@@ -121,6 +121,11 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "clipping": Key("str"),
         "budget_epsilon": Key("float", unset=0),
     },
+    "site_dp": {
+        "mode": Key("str"),
+        "l2_clip": Key("float"),
+        "noise_multiplier": Key("float"),
+    },
     "evaluation": {
         "every": Key("int"),
     },

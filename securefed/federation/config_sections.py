@@ -26,6 +26,8 @@ __all__ = [
     "SiteSpec",
     "SecAggSettings",
     "PrivacySettings",
+    "SiteDPMode",
+    "SiteDPSettings",
     "EvaluationSettings",
     "DEFAULT_SITES",
     "MAX_SITES",
@@ -256,6 +258,42 @@ class PrivacySettings:
         from securefed.privacy.ledger_records import PrivacyBudget
 
         return PrivacyBudget(epsilon=self.budget_epsilon_for(site), delta=self.delta)
+
+
+class SiteDPMode(Enum):
+    """Site-level DP on top of each site's DP-SGD: none, or distributed noise under secure aggregation."""
+
+    NONE = "none"
+    DISTRIBUTED = "distributed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteDPSettings:
+    """The ``[site_dp]`` section: site-level DP, which protects a hospital's whole contribution.
+
+    ``distributed``: each site clips its update to L2 norm ``l2_clip`` and adds its share of
+    discrete Gaussian noise before masking (:mod:`securefed.privacy.distributed`), so that the
+    sum over any ``threshold`` sites carries noise of std ``noise_multiplier * l2_clip``. Each
+    site charges that worst case to its ledger before the round and settles it with the sites
+    actually summed. The ledger's budget covers DP-SGD and this together.
+    """
+
+    mode: SiteDPMode = SiteDPMode.NONE
+    l2_clip: float = 0.1
+    noise_multiplier: float = 1.0
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        object.__setattr__(self, "mode", _enum(SiteDPMode, "mode", self.mode, problems))
+        _positive("l2_clip", self.l2_clip, problems)
+        _positive("noise_multiplier", self.noise_multiplier, problems)
+        _as_float(self, "l2_clip", "noise_multiplier")
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode is SiteDPMode.DISTRIBUTED
 
 
 @dataclass(frozen=True, kw_only=True)

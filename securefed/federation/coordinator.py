@@ -6,6 +6,8 @@ data, no site keys. Under secure aggregation it drives a
 :class:`~securefed.secagg.SecAggServer` through the transport and ends each round with the
 survivors' mean update; sites that drop, refuse or send what does not parse are left out and
 reported. ``"plain"`` aggregation (the non-private baseline) receives updates in the clear.
+With site-level distributed DP the sites send noised ring elements; the coordinator decodes the
+modular sum into the noisy sum of clipped updates (the same public encoder every site builds).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from securefed.federation.messages import (
     SiteRefusal,
     decode_federation_message,
 )
+from securefed.federation.site_level import SiteLevelDP, rotation_seed
 from securefed.federation.transport import Transport
 from securefed.primitives.keys import Roster
 from securefed.secagg.config import SecAggConfig
@@ -51,13 +54,15 @@ class RoundOutcome:
 
 
 class Coordinator:
-    def __init__(self, *, roster: Roster, transport: Transport, aggregation: str, policy: SecAggConfig) -> None:
+    def __init__(self, *, roster: Roster, transport: Transport, aggregation: str, policy: SecAggConfig,
+                 site_dp: SiteLevelDP | None = None) -> None:
         if aggregation not in ("secagg", "plain"):
             raise ConfigError(f"aggregation {aggregation!r} is not available here; use 'secagg' or 'plain'")
         self.roster = roster
         self.transport = transport
         self.aggregation = aggregation
         self.policy = policy
+        self.site_dp = site_dp
 
     def run_round(self, *, round_: int, protocol_round: int, cohort: Sequence[str], model: np.ndarray,
                   graph_seed: bytes) -> RoundOutcome:
@@ -107,7 +112,12 @@ class Coordinator:
                       graph_seed: bytes) -> RoundOutcome:
         names = self.roster.names
         indices = tuple(sorted(self.roster.index(s) for s in cohort))
-        config = self.policy.round_config(n_sites=len(indices), vector_length=model.size, round_id=protocol_round,
+        encoder = None
+        if self.site_dp is not None:
+            _, threshold = self.policy.resolve(len(indices))
+            encoder = self.site_dp.encoder(dimension=model.size, cohort=len(indices), threshold=threshold)
+        length = model.size if encoder is None else encoder.padded_dimension
+        config = self.policy.round_config(n_sites=len(indices), vector_length=length, round_id=protocol_round,
                                           roster_digest=self.roster.digest(), graph_seed=graph_seed,
                                           participants=indices)
         server = SecAggServer(config, self.roster)
@@ -130,7 +140,11 @@ class Coordinator:
         survivors = tuple(names[i] for i in sorted(result.survivors))
         if result.total_weight <= 0:
             return RoundOutcome(round_, cohort, survivors, None, refusals, rejected, "the survivors' weights sum to zero")
-        mean = (result.total / result.total_weight).astype(np.float32)
+        if encoder is None:
+            mean = (result.total / result.total_weight).astype(np.float32)
+        else:  # weights are 1 each: the mean divides the noisy sum by the number of survivors
+            total = encoder.decode(result.raw[:-1], round_seed=rotation_seed(config.digest))
+            mean = (total / len(survivors)).astype(np.float32)
         return RoundOutcome(round_, cohort, survivors, mean, refusals, rejected)
 
     def _receive(self, server: SecAggServer, protocol_round: int, site: str, data: bytes,

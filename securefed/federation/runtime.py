@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from securefed.errors import ConfigError
+from securefed.errors import ConfigError, PrivacyError
 from securefed.federation.checkpoint import RunState, load_checkpoint, next_attempt, save_checkpoint
 from securefed.federation.coordinator import Coordinator, RoundOutcome
 from securefed.federation.messages import message_kind
 from securefed.federation.result import FederationResult, RoundRecord, write_run_outputs
+from securefed.federation.site_level import SiteLevelDP
 from securefed.federation.setup import SiteRecipe, build_site, federation_random, make_identities, site_spec
 from securefed.federation.transport import InProcessTransport, RecordingTransport, Transport
 from securefed.primitives._files import write_atomic
@@ -103,7 +104,7 @@ class Federation:
         transport, sites = self._transport(run_dir, task, roster)
         recorder = RecordingTransport(transport, keep_payloads=keep_transcript, classify=message_kind)
         coordinator = Coordinator(roster=roster, transport=recorder, aggregation=config.federation.aggregation.value,
-                                  policy=config.secagg_config())
+                                  policy=config.secagg_config(), site_dp=SiteLevelDP.from_config(config))
         started = time.perf_counter()
         bar = _progress_bar(progress, total=config.federation.rounds, done=state.completed_rounds)
         try:
@@ -150,31 +151,57 @@ class Federation:
     def _preflight(self, task: Any) -> Any:
         """Checks that need the data: the model fits it and each budget covers one round."""
         from securefed.federation.evaluation import GlobalEvaluator
-        from securefed.privacy.accounting import compose_epsilon
-        from securefed.privacy.dpsgd_config import plan_training
 
         config = self.config
         evaluator = GlobalEvaluator(config, task)  # builds the model: ConfigError if it does not fit
-        dp = config.privacy.dpsgd_config(config.training, config.federation.rounds)
         problems: list[str] = []
+        site_event = None
+        site_dp = SiteLevelDP.from_config(config)
+        if site_dp is not None:
+            cohort = config.cohort_size()
+            try:
+                encoder = site_dp.encoder(dimension=evaluator.parameter_count, cohort=cohort,
+                                          threshold=config.secagg_config().resolve(cohort)[1])
+                site_event = encoder.event(sites=encoder.config.min_sites)
+            except ConfigError as exc:
+                problems.extend(f"[site_dp] {p}" for p in exc.problems)
+        dp = config.privacy.dpsgd_config(config.training, config.federation.rounds)
         if dp is not None:
+            by_text: dict[str, list[str]] = {}  # the same problem at many sites is said once
             for site in task.sites:
-                try:
-                    plan = plan_training(dp, dataset_size=len(site.train))
-                except ConfigError as exc:
-                    problems.extend(f"site {site.name!r}: {p}" for p in exc.problems)
-                    continue
-                one_round = compose_epsilon([plan.round_event()], delta=plan.delta, accountant=plan.accountant)
-                budget = config.privacy.budget_for(site_spec(config, site.name))
-                if one_round > budget.epsilon:
-                    problems.append(
-                        f"site {site.name!r}: its budget of epsilon={budget.epsilon:g} cannot cover even one round "
-                        f"(one round of {plan.steps_per_round} DP-SGD steps at noise {plan.noise_multiplier:.3g} costs "
-                        f"epsilon={one_round:.3g}); raise the budget, or lower the cost per round (more noise, "
-                        "fewer steps_per_round or a smaller batch_size)")
+                for text in self._one_round_problems(site, dp, site_event):
+                    by_text.setdefault(text, []).append(site.name)
+            for text, names in by_text.items():
+                listed = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                problems.append(f"site{'s' if len(names) > 1 else ''} {listed}: {text}")
         if problems:
             raise ConfigError(problems)
         return evaluator
+
+    def _one_round_problems(self, site: Any, dp: Any, site_event: Any) -> list[str]:
+        from securefed.privacy.accounting import compose_epsilon
+        from securefed.privacy.dpsgd_config import plan_training
+
+        try:
+            plan = plan_training(dp, dataset_size=len(site.train))
+        except ConfigError as exc:
+            return list(exc.problems)
+        events = [plan.round_event()] + ([site_event] if site_event is not None else [])
+        try:
+            one_round = compose_epsilon(events, delta=plan.delta, accountant=plan.accountant)
+            if site_event is not None:  # the samplers' slack grows with rounds: the whole plan must fit delta
+                compose_epsilon(events * self.config.federation.rounds, delta=plan.delta, accountant=plan.accountant)
+        except PrivacyError as exc:
+            return [f"the planned {self.config.federation.rounds} rounds cannot be accounted: {exc}"]
+        budget = self.config.privacy.budget_for(site_spec(self.config, site.name))
+        if one_round <= budget.epsilon:
+            return []
+        what = f"{plan.steps_per_round} DP-SGD steps at noise {plan.noise_multiplier:.3g}"
+        if site_event is not None:
+            what += " plus the site-level noise"
+        return [f"the budget of epsilon={budget.epsilon:g} cannot cover even one round "
+                f"(one round of {what} costs epsilon={one_round:.3g}); raise the budget, or lower the cost per "
+                "round (more noise, fewer steps_per_round or a smaller batch_size)"]
 
     def _prepare_run_dir(self) -> Path:
         from securefed.federation.config import config_to_dict

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from securefed.federation.site import FederationSite
+from securefed.federation.site_level import SiteLevelDP
 from securefed.federation.workspace import SiteWorkspace
 from securefed.primitives.keys import Roster, SiteIdentity
 from securefed.primitives.randomness import SeededRandom
@@ -88,4 +89,5 @@ def build_site(recipe: SiteRecipe, task: Any, roster: Roster) -> FederationSite:
 
     return FederationSite(identity=identity, roster=roster, aggregation=config.federation.aggregation.value,
                           policy=config.secagg_config(), workspace=workspace, learner=learner,
-                          validation=data.val, rng=SeededRandom(secret), ledger=ledger)
+                          validation=data.val, rng=SeededRandom(secret), ledger=ledger,
+                          site_dp=SiteLevelDP.from_config(config))

@@ -139,6 +139,12 @@ class SecAggClient:
         self.stage: Stage | None = None
         self.abort_reason: str | None = None
         self.config: RoundConfig | None = None
+        self._survivors: frozenset[int] | None = None
+
+    @property
+    def survivors(self) -> frozenset[int] | None:
+        """The sites whose inputs the sum will hold, once the signed survivor list arrived."""
+        return self._survivors
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, message: ServerMessage) -> object:

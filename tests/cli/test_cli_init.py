@@ -17,7 +17,7 @@ def securefed(*args: str, cwd: Path | None = None) -> subprocess.CompletedProces
 
 
 _HEADER = re.compile(r"^(?:#\s*)?\[(\[?)([A-Za-z_]+)\]?\]\s*$")
-_KEY = re.compile(r"^(?:#\s*)?([A-Za-z_]+) = ")
+_KEY = re.compile(r"^(?:#\s*)?([A-Za-z_][A-Za-z0-9_]*) = ")
 
 
 def documented_keys(text: str) -> set[tuple[str, str]]:

@@ -13,6 +13,7 @@ from securefed.federation.transport import InProcessTransport, RecordingTranspor
 from securefed.federation.workspace import SiteWorkspace
 from securefed.primitives.keys import Roster, SiteIdentity
 from securefed.primitives.randomness import SeededRandom
+from securefed.privacy.ledger import PrivacyBudget, PrivacyLedger
 from securefed.secagg.config import SecAggConfig
 
 
@@ -49,7 +50,8 @@ class SmallFederation:
 
 
 def small_federation(tmp_path, *, n: int = 5, length: int = 40, aggregation: str = "secagg", seed: int = 0,
-                     transport_wrapper=None, budget_rounds: int = 100) -> SmallFederation:
+                     transport_wrapper=None, budget_rounds: int = 100, site_dp=None,
+                     ledger_epsilon: float = 50.0) -> SmallFederation:
     rng = SeededRandom(f"test-federation/{seed}")
     identities = [SiteIdentity.generate(f"h{i}", rng=rng.fork(f"id/{i}")) for i in range(n)]
     roster = Roster([i.public() for i in identities])
@@ -60,13 +62,19 @@ def small_federation(tmp_path, *, n: int = 5, length: int = 40, aggregation: str
         learner = NumpyLearner(data_rng.normal(0, 0.2, length).astype(np.float32), budget_rounds=budget_rounds)
         workspace = SiteWorkspace(tmp_path / identity.name)
         workspace.create()
+        ledger = None
+        if site_dp is not None:  # site-level DP needs each site's ledger
+            ledger = PrivacyLedger.create(workspace.ledger_file, identity=identity,
+                                          budget=PrivacyBudget(epsilon=ledger_epsilon, delta=1e-5))
         learners[identity.name] = learner
         sites[identity.name] = FederationSite(
             identity=identity, roster=roster, aggregation=aggregation, policy=policy, workspace=workspace,
-            learner=lambda learner=learner: learner, validation=[0], rng=rng.fork(f"site/{identity.name}"))
+            learner=lambda learner=learner: learner, validation=[0], rng=rng.fork(f"site/{identity.name}"),
+            ledger=ledger, site_dp=site_dp)
     inner = InProcessTransport(sites)
     if transport_wrapper is not None:
         inner = transport_wrapper(inner)
     recorder = RecordingTransport(inner, keep_payloads=True)
-    coordinator = Coordinator(roster=roster, transport=recorder, aggregation=aggregation, policy=policy)
+    coordinator = Coordinator(roster=roster, transport=recorder, aggregation=aggregation, policy=policy,
+                              site_dp=site_dp)
     return SmallFederation(sites, learners, roster, recorder, coordinator)
