@@ -64,12 +64,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         where = "the built-in default" if args.config is None and args.resume is None else (args.config or args.resume)
         print(f"securefed run: {len(config.site_names())} sites, {config.federation.rounds} rounds, "
               f"{config.federation.aggregation.value} aggregation ({where})", file=sys.stderr)
-    result = federation.run(progress=show_progress)
+    try:
+        result = federation.run(progress=show_progress)
+    except KeyboardInterrupt:
+        where = f"; continue it with `securefed run --resume {federation.run_dir}`" if federation.run_dir else ""
+        print(f"securefed run: interrupted{where}", file=sys.stderr)
+        return 130
     if args.json:
         json.dump(result.summary, sys.stdout, indent=2)
         sys.stdout.write("\n")
     elif not args.quiet:
         _print_table(result, config, sys.stdout)
+    failed = [r for r in result.rounds if r.failure]
+    if result.rounds and len(failed) == len(result.rounds):
+        print(f"securefed run: no round produced an update (round {failed[0].round}: {failed[0].failure})",
+              file=sys.stderr)
+        return 1
     return 0
 
 

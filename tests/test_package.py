@@ -98,3 +98,36 @@ def test_importing_securefed_privacy_loads_no_heavy_library() -> None:
     code = "import sys, securefed.privacy as p; p.epsilon; p.PrivacyLedger; print(sorted(m for m in sys.modules if m.split('.')[0] in %r))" % HEAVY
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# The adapters of the federation, model and data layers: the only modules there that may import torch/monai.
+RUNTIME_ADAPTERS = {"federation": {"local_training.py", "evaluation.py", "workers.py"},
+                    "models": {"factory.py", "networks.py"}, "data": {"embedded.py"}}
+
+
+@pytest.mark.parametrize("layer", sorted(RUNTIME_ADAPTERS))
+def test_runtime_layers_import_heavy_libraries_only_in_adapters(layer: str) -> None:
+    for path in (PACKAGE / layer).glob("*.py"):
+        if path.name not in RUNTIME_ADAPTERS[layer]:
+            bad = _imports(path) & HEAVY
+            assert not bad, f"{layer}/{path.name} imports {sorted(bad)}; only adapter modules may"
+
+
+def test_the_coordinator_module_cannot_reach_a_site_its_data_or_training() -> None:
+    text = (PACKAGE / "federation" / "coordinator.py").read_text()
+    for forbidden in ("federation.site ", "federation.site import", "workspace", "local_training", "securefed.data",
+                      "securefed.models", "securefed.privacy"):
+        assert forbidden not in text, f"coordinator.py mentions {forbidden!r}"
+
+
+def test_lower_layers_never_import_the_federation() -> None:
+    for layer in ("primitives", "secagg", "privacy", "data", "models"):
+        for path in (PACKAGE / layer).glob("*.py"):
+            assert "securefed.federation" not in path.read_text(), f"{layer}/{path.name}"
+
+
+def test_reading_a_federation_config_loads_no_heavy_library() -> None:
+    code = ("import sys, securefed.federation as f, securefed.data, securefed.models; c = f.default_config(); "
+            "f.validate(c); print(sorted(m for m in sys.modules if m.split('.')[0] in %r))" % HEAVY)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

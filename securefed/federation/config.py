@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from securefed.data import DataConfig
+from securefed.data import DataConfig, SplitKind, folder_site_names
 from securefed.errors import ConfigError
 from securefed.federation.config_checks import prefixed, validate
 from securefed.federation.config_schema import (
     INVALID,
     SECTIONS,
     SITE_KEYS,
+    SITE_PRIVACY_KEYS,
+    SITE_TRAINING_KEYS,
     SITES_SECTION,
     Key,
     convert,
@@ -143,8 +145,41 @@ class FederationConfig:
         if problems:
             raise ConfigError(problems)
         problems = _federation_problems(self.federation, sites)
+        for site in sites:  # each site's own settings must make valid sections too
+            for build in (self.training_for, self.privacy_for):
+                try:
+                    build(site.name)
+                except ConfigError as error:
+                    problems.extend(f"[[sites]] {site.name}: {p}" for p in error.problems)
         if problems:
             raise ConfigError(problems)
+
+    def site(self, name: str) -> SiteSpec:
+        """The SiteSpec named ``name`` (KeyError if there is none)."""
+        for site in self.sites:
+            if site.name == name:
+                return site
+        raise KeyError(name)
+
+    def training_for(self, name: str) -> TrainingSettings:
+        """Site ``name``'s local training: ``[training]`` with the site's own values over it."""
+        own = self.site(name).overrides(SITE_TRAINING_KEYS)
+        if not own:
+            return self.training
+        if "steps_per_round" in own:  # a site's round length replaces the federation's, whichever form
+            own.setdefault("epochs_per_round", None)
+        elif "epochs_per_round" in own:
+            own.setdefault("steps_per_round", None)
+        return replace(self.training, **own)
+
+    def privacy_for(self, name: str) -> PrivacySettings:
+        """Site ``name``'s DP-SGD: ``[privacy]`` with the site's own values over it."""
+        own = self.site(name).overrides(SITE_PRIVACY_KEYS)
+        if not own:
+            return self.privacy
+        if "target_epsilon" in own:  # a site's own target means: calibrate to it
+            own.setdefault("noise_multiplier", None)
+        return replace(self.privacy, **own)
 
     def site_names(self) -> list[str]:
         """The sites' names in configuration order."""
@@ -252,6 +287,13 @@ def parse_config(mapping: Mapping[str, Any], *, base_dir: str | Path | None = No
     built: dict[str, Any] = {}
     for name, cls in _SECTION_CLASSES.items():
         built[name] = _build(f"[{name}]", cls, run_values if name == "federation" else values.get(name, {}), problems)
+    data = built.get("data")
+    if not given_count and SITES_SECTION not in mapping and data is not None and data.split is SplitKind.BY_FOLDER:
+        try:  # one hospital per sub-folder, named after it, unless the sites are given
+            sites = tuple(SiteSpec(name=name) for name in folder_site_names(data))
+        except ConfigError as error:
+            problems.extend(prefixed("[data]", error.problems))
+            sites = None
     if sites is not None:  # checked here too, so these problems join the others
         run = built["federation"]
         problems += _federation_problems(run, sites) if run is not None else _site_list_problems(sites)
@@ -324,7 +366,8 @@ def config_to_dict(config: FederationConfig) -> dict[str, Any]:
         document[section] = table
     if not numbered:
         document[SITES_SECTION] = [
-            {"name": s.name, **({} if s.epsilon_budget is None else {"epsilon_budget": s.epsilon_budget})}
+            {"name": s.name, **{k: _toml_value(SITE_KEYS[k], getattr(s, k)) for k in SITE_KEYS
+                                if k != "name" and getattr(s, k) is not None}}
             for s in config.sites
         ]
     return document

@@ -67,22 +67,24 @@ def _secagg_problems(config: FederationConfig) -> list[str]:
 
 
 def _privacy_problems(config: FederationConfig) -> list[str]:
-    privacy = config.privacy
-    if not privacy.enabled or privacy.noise_multiplier is not None:
-        return []
     # DP-SGD is calibrated to spend target_epsilon over the run; a smaller ledger budget would
-    # stop every such site before the last round.
-    target = privacy.target_epsilon
-    short = [s for s in config.sites if privacy.budget_epsilon_for(s) < target]
+    # stop such a site before the last round.
+    short = []
+    for site in config.sites:
+        privacy = config.privacy_for(site.name)
+        if privacy.enabled and privacy.noise_multiplier is None and privacy.budget_epsilon_for(site) < privacy.target_epsilon:
+            short.append((site, privacy.budget_epsilon_for(site), privacy.target_epsilon))
     if not short:
         return []
-    if privacy.budget_epsilon is not None and privacy.budget_epsilon < target and all(
-            s.epsilon_budget is None for s in short):
-        return [f"[privacy] budget_epsilon = {privacy.budget_epsilon:g} is below target_epsilon = {target:g}: "
-                "the training is calibrated to spend target_epsilon, so every ledger would stop the run "
-                "before its last round; raise budget_epsilon or lower target_epsilon"]
-    listed = ", ".join(f"{s.name} ({privacy.budget_epsilon_for(s):g})" for s in short)
-    return [f"[[sites]] epsilon_budget of {listed} is below target_epsilon = {target:g}: the training is "
+    privacy = config.privacy
+    if privacy.budget_epsilon is not None and all(s.epsilon_budget is None and s.target_epsilon is None for s, _, _ in short):
+        return [f"[privacy] budget_epsilon = {privacy.budget_epsilon:g} is below target_epsilon = "
+                f"{privacy.target_epsilon:g}: the training is calibrated to spend target_epsilon, so every ledger "
+                "would stop the run before its last round; raise budget_epsilon or lower target_epsilon"]
+    targets = {target for _, _, target in short}
+    listed = ", ".join(f"{s.name} ({budget:g})" for s, budget, _ in short)
+    below = f"target_epsilon = {targets.pop():g}" if len(targets) == 1 else "their target_epsilon"
+    return [f"[[sites]] epsilon_budget of {listed} is below {below}: the training is "
             "calibrated to spend target_epsilon, so these ledgers would stop the run before its last round; "
             "raise their epsilon_budget or lower target_epsilon"]
 

@@ -18,6 +18,8 @@ __all__ = [
     "Key",
     "SECTIONS",
     "SITE_KEYS",
+    "SITE_TRAINING_KEYS",
+    "SITE_PRIVACY_KEYS",
     "SITES_SECTION",
     "INVALID",
     "convert",
@@ -131,9 +133,15 @@ SECTIONS: dict[str, dict[str, Key]] = {
     },
 }
 
+# A site's own settings: its name, budget, and overrides of the [training] and [privacy] keys.
+SITE_TRAINING_KEYS = ("learning_rate", "optimizer", "momentum", "batch_size", "epochs_per_round",
+                      "steps_per_round", "max_physical_batch_size", "device")
+SITE_PRIVACY_KEYS = ("target_epsilon", "max_grad_norm", "noise_multiplier")
 SITE_KEYS: dict[str, Key] = {
     "name": Key("str"),
     "epsilon_budget": Key("float", unset=0),
+    **{k: SECTIONS["training"][k] for k in SITE_TRAINING_KEYS},
+    **{k: SECTIONS["privacy"][k] for k in SITE_PRIVACY_KEYS},
 }
 
 

@@ -129,10 +129,23 @@ class RunSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class SiteSpec:
-    """One hospital: its name and, optionally, its own epsilon budget."""
+    """One hospital: its name and, optionally, its own epsilon budget and its own local training
+    and DP-SGD settings (each None field takes the federation's ``[training]`` / ``[privacy]``
+    value; see :meth:`FederationConfig.training_for` and ``privacy_for``)."""
 
     name: str
     epsilon_budget: float | None = None
+    learning_rate: float | None = None
+    optimizer: str | None = None
+    momentum: float | None = None
+    batch_size: int | None = None
+    epochs_per_round: float | None = None
+    steps_per_round: int | None = None
+    max_physical_batch_size: int | None = None
+    device: str | None = None
+    target_epsilon: float | None = None
+    max_grad_norm: float | None = None
+    noise_multiplier: float | None = None
 
     def __post_init__(self) -> None:
         problems = site_name_problems(self.name)
@@ -141,6 +154,10 @@ class SiteSpec:
             _as_float(self, "epsilon_budget")
         if problems:
             raise ConfigError(problems)
+
+    def overrides(self, keys: tuple[str, ...]) -> dict[str, Any]:
+        """This site's values among ``keys`` that are set."""
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 def numbered_sites(count: int) -> tuple[SiteSpec, ...]:

@@ -88,7 +88,7 @@ def _write_vector(params: list[torch.nn.Parameter], vector: np.ndarray) -> None:
     if not np.issubdtype(flat.dtype, np.number) or not np.all(np.isfinite(flat)):
         raise ConfigError("the parameter vector holds NaN, infinite or non-numeric values; the global model "
                           "diverged: lower the learning rate or the update clip")
-    source = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32))
+    source = torch.from_numpy(np.array(flat, dtype=np.float32))  # a writable copy (messages are read-only)
     offset = 0
     with torch.no_grad():
         for p in params:

@@ -27,7 +27,7 @@ from securefed.federation.coordinator import Coordinator, RoundOutcome
 from securefed.federation.messages import message_kind
 from securefed.federation.result import FederationResult, RoundRecord, write_run_outputs
 from securefed.federation.site_level import SiteLevelDP
-from securefed.federation.setup import SiteRecipe, build_site, federation_random, make_identities, site_spec
+from securefed.federation.setup import SiteRecipe, build_site, federation_random, make_identities
 from securefed.federation.transport import InProcessTransport, RecordingTransport, Transport
 from securefed.primitives._files import write_atomic
 from securefed.primitives.keys import Roster
@@ -165,15 +165,15 @@ class Federation:
                 site_event = encoder.event(sites=encoder.config.min_sites)
             except ConfigError as exc:
                 problems.extend(f"[site_dp] {p}" for p in exc.problems)
-        dp = config.privacy.dpsgd_config(config.training, config.federation.rounds)
-        if dp is not None:
-            by_text: dict[str, list[str]] = {}  # the same problem at many sites is said once
-            for site in task.sites:
+        by_text: dict[str, list[str]] = {}  # the same problem at many sites is said once
+        for site in task.sites:
+            dp = config.privacy_for(site.name).dpsgd_config(config.training_for(site.name), config.federation.rounds)
+            if dp is not None:
                 for text in self._one_round_problems(site, dp, site_event):
                     by_text.setdefault(text, []).append(site.name)
-            for text, names in by_text.items():
-                listed = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-                problems.append(f"site{'s' if len(names) > 1 else ''} {listed}: {text}")
+        for text, names in by_text.items():
+            listed = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            problems.append(f"site{'s' if len(names) > 1 else ''} {listed}: {text}")
         if problems:
             raise ConfigError(problems)
         return evaluator
@@ -193,7 +193,7 @@ class Federation:
                 compose_epsilon(events * self.config.federation.rounds, delta=plan.delta, accountant=plan.accountant)
         except PrivacyError as exc:
             return [f"the planned {self.config.federation.rounds} rounds cannot be accounted: {exc}"]
-        budget = self.config.privacy.budget_for(site_spec(self.config, site.name))
+        budget = self.config.privacy_for(site.name).budget_for(self.config.site(site.name))
         if one_round <= budget.epsilon:
             return []
         what = f"{plan.steps_per_round} DP-SGD steps at noise {plan.noise_multiplier:.3g}"

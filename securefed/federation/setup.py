@@ -17,7 +17,7 @@ from securefed.federation.workspace import SiteWorkspace
 from securefed.primitives.keys import Roster, SiteIdentity
 from securefed.primitives.randomness import SeededRandom
 
-__all__ = ["site_spec", "SiteRecipe", "federation_random", "make_identities", "build_site", "site_workspace", "trainer_seed"]
+__all__ = ["SiteRecipe", "federation_random", "make_identities", "build_site", "site_workspace", "trainer_seed"]
 
 
 def federation_random(seed: int) -> SeededRandom:
@@ -45,11 +45,6 @@ def make_identities(run_dir: Path, names: list[str], seed: int) -> Roster:
     return Roster(publics)
 
 
-def site_spec(config: Any, name: str) -> Any:
-    """The config's SiteSpec of site ``name``."""
-    return next(spec for spec in config.sites if spec.name == name)
-
-
 def trainer_seed(secret_seed: bytes) -> int:
     return int.from_bytes(SeededRandom(secret_seed).fork("training").random_bytes(8), "little") >> 1
 
@@ -75,16 +70,17 @@ def build_site(recipe: SiteRecipe, task: Any, roster: Roster) -> FederationSite:
     secret = workspace.secret_seed()
     index = [s.name for s in task.sites].index(recipe.name)
     data = task.sites[index]
-    dp = config.privacy.dpsgd_config(config.training, config.federation.rounds)
+    training, privacy = config.training_for(recipe.name), config.privacy_for(recipe.name)
+    dp = privacy.dpsgd_config(training, config.federation.rounds)
     ledger = None
     if dp is not None:
-        budget = config.privacy.budget_for(site_spec(config, recipe.name))
+        budget = privacy.budget_for(config.site(recipe.name))
         ledger = PrivacyLedger.open_or_create(workspace.ledger_file, identity=identity, budget=budget)
         workspace.publish_head(ledger.head().to_dict(), ledger.ledger_id)
 
     def learner() -> LocalTrainer:
         model = build_model(config.model, task.spec, seed=config.federation.seed)
-        return LocalTrainer(model=model, spec=task.spec, train=data.train, settings=config.training, dp=dp,
+        return LocalTrainer(model=model, spec=task.spec, train=data.train, settings=training, dp=dp,
                             ledger=ledger, seed=trainer_seed(secret))
 
     return FederationSite(identity=identity, roster=roster, aggregation=config.federation.aggregation.value,

@@ -112,6 +112,14 @@ class FederationSite:
         self.refusals.append(f"round {round_}: {reason}")
         return SiteRefusal(round_, reason).encode()
 
+    def _untrained(self, round_: int, trained_from: str | None, reason: str) -> bytes:
+        """Refuse a round refused before any DP-SGD charge: it no longer counts as trained here."""
+        if trained_from is None:
+            state = self.workspace.load_state()
+            state.trained.pop(round_, None)
+            self.workspace.save_state(state)
+        return self._refuse(round_, reason)
+
     def learner(self) -> LocalLearner:
         if self._learner is None:
             self._learner = self._make_learner()
@@ -151,16 +159,16 @@ class FederationSite:
             try:
                 self._charge_site_level(start.round, setup.config, start.model.size)
             except PrivacyBudgetExceeded:
-                return self._refuse(start.round, "privacy budget exhausted")
+                return self._untrained(start.round, trained_from, "privacy budget exhausted")
             except SecurefedError as exc:
-                return self._refuse(start.round, f"site-level DP refused the round: {exc}")
+                return self._untrained(start.round, trained_from, f"site-level DP refused the round: {exc}")
             finally:
                 self._publish_ledger()
         try:
             result = self.learner().train_round(start.model, round_id=training_round_id(start.round),
                                                 replay_charged=trained_from is not None)
         except PrivacyBudgetExceeded:
-            return self._refuse(start.round, "privacy budget exhausted")
+            return self._untrained(start.round, trained_from, "privacy budget exhausted")
         finally:
             self._publish_ledger()
         update = np.asarray(result.update, dtype=np.float32)

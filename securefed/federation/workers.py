@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+from securefed.errors import ProtocolAbort
 from securefed.federation.setup import SiteRecipe, build_site
 from securefed.primitives.keys import Roster
 
@@ -25,10 +26,16 @@ def _serve(connection: Connection, recipes: list[SiteRecipe], roster_json: str) 
     from securefed.data import load_task
 
     torch.set_num_threads(1)  # several workers share the machine's cores
-    config = recipes[0].config
-    task = load_task(config.data, sites=config.site_names(), seed=config.federation.seed)
-    roster = Roster.from_json(roster_json)
-    sites = {r.name: build_site(r, task, roster) for r in recipes}
+    try:
+        config = recipes[0].config
+        task = load_task(config.data, sites=config.site_names(), seed=config.federation.seed)
+        roster = Roster.from_json(roster_json)
+        sites = {r.name: build_site(r, task, roster) for r in recipes}
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which refuses to start
+        connection.send(f"{type(exc).__name__}: {exc}")
+        connection.close()
+        return
+    connection.send("ready")
     try:
         while True:
             batch = connection.recv()
@@ -68,6 +75,19 @@ class WorkerProcessTransport:
             self._processes.append(process)
             for recipe in group:
                 self._owner[recipe.name] = index
+        failures = []
+        for index, connection in enumerate(self._connections):
+            try:
+                status = connection.recv()
+            except (EOFError, OSError):
+                status = "the process exited before building its sites"
+            if status != "ready":
+                failures.append(f"worker {index}: {status}")
+        if failures:
+            self.close()
+            raise ProtocolAbort("the site worker processes could not start: " + "; ".join(failures)
+                                + " (a script that starts workers must guard its entry point with "
+                                "`if __name__ == \"__main__\":`)")
 
     def exchange(self, outgoing: Mapping[str, bytes]) -> dict[str, bytes]:
         unknown = sorted(set(outgoing) - set(self._owner))

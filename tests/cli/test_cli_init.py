@@ -8,7 +8,13 @@ import sys
 from pathlib import Path
 
 from securefed.federation.config import SiteSpec, default_config, load_config
-from securefed.federation.config_schema import SECTIONS, SITE_KEYS, SITES_SECTION
+from securefed.federation.config_schema import (
+    SECTIONS,
+    SITE_KEYS,
+    SITE_PRIVACY_KEYS,
+    SITE_TRAINING_KEYS,
+    SITES_SECTION,
+)
 
 
 def securefed(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -43,7 +49,12 @@ def test_init_writes_the_documented_default(tmp_path: Path) -> None:
     assert load_config(written) == default_config()
     documented = documented_keys(written.read_text(encoding="utf-8"))
     schema = {(s, k) for s, keys in SECTIONS.items() for k in keys} | {(SITES_SECTION, k) for k in SITE_KEYS}
-    assert schema - documented == set(), "keys without a commented line in the example file"
+    # A site's overrides of [training]/[privacy] keys are documented there; the [[sites]] example
+    # must at least name each of them.
+    sites_text = written.read_text(encoding="utf-8").split("# [[sites]]", 1)[1]
+    overrides = {(SITES_SECTION, k) for k in SITE_TRAINING_KEYS + SITE_PRIVACY_KEYS}
+    assert all(k in sites_text for _, k in overrides), "a per-site key the [[sites]] example does not name"
+    assert schema - overrides - documented == set(), "keys without a commented line in the example file"
     assert documented - schema == set(), "the example file documents keys the schema does not have"
 
 
@@ -55,7 +66,9 @@ def test_the_commented_sites_example_is_a_valid_variant(tmp_path: Path) -> None:
     variant += [line[2:] if line.startswith("# ") else line.lstrip("#") for line in lines[start:]]
     (tmp_path / "named.toml").write_text("\n".join(variant) + "\n", encoding="utf-8")
     config = load_config(tmp_path / "named.toml")
-    assert config.sites == (SiteSpec(name="st-thomas", epsilon_budget=3.0), SiteSpec(name="addenbrookes"))
+    assert config.sites == (SiteSpec(name="st-thomas", epsilon_budget=3.0, learning_rate=0.05, batch_size=8),
+                            SiteSpec(name="addenbrookes"))
+    assert config.training_for("st-thomas").batch_size == 8 and config.training_for("addenbrookes").batch_size == 16
     assert config.federation == default_config().federation
 
 

@@ -29,6 +29,17 @@ from securefed.privacy.ledger_records import EntryKind
 MLP = {"model": {"name": "mlp", "hidden": [8]}}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread; several oversubscribe a small, busy machine."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def _config(federation: dict, **sections: dict):
     return parse_config({"federation": federation, **MLP, **sections})
 
@@ -233,6 +244,7 @@ def test_a_site_whose_budget_runs_out_stops_and_the_others_finish(tmp_path):
     charges, spent, cap = _ledger(result.run_dir, "c")
     assert charges == ["round-1"] and cap == pytest.approx(budget) and spent <= cap
     assert result.sites["c"].epsilon == pytest.approx(one, rel=1e-9)
+    assert result.sites["c"].rounds_trained == 1 and result.sites["a"].rounds_trained == 3
     for name in "abd":
         assert _ledger(result.run_dir, name)[0] == ["round-1", "round-2", "round-3"]
 
