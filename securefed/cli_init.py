@@ -36,6 +36,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
             raise ConfigError(f"{target} already exists; pass --force to overwrite it") from None
         raise ConfigError(error.problems) from None
     print(f"wrote {target}: every option with a comment, set to the defaults of `securefed run`")
+    print(f"edit it, then run it with: securefed run {target}")
     return 0
 
 

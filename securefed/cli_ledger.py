@@ -44,9 +44,18 @@ def _trusted_key(args: argparse.Namespace) -> PublicIdentity:
 
 
 def _expected_head(args: argparse.Namespace):
+    """The head to expect: a head's JSON, or a site's published ``{"ledger_id", "head"}`` (whose id
+    is then expected too, unless ``--ledger-id`` says otherwise)."""
     from securefed.privacy import LedgerHead
 
-    return None if args.head is None else LedgerHead.from_dict(_json_file(args.head, "ledger head file"))
+    if args.head is None:
+        return None
+    data = _json_file(args.head, "ledger head file")
+    if isinstance(data, dict) and set(data) == {"ledger_id", "head"}:
+        if args.ledger_id is None:
+            args.ledger_id = data["ledger_id"]
+        data = data["head"]
+    return LedgerHead.from_dict(data)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ __all__ = ["add_run_command"]
 
 def _print_table(result: Any, config: Any, stream: Any) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(file=stream, highlight=False)
@@ -33,7 +34,7 @@ def _print_table(result: Any, config: Any, stream: Any) -> None:
     for r in result.rounds:
         note = r.failure or ", ".join(f"{s}: {why}" for s, why in {**r.refusals, **r.rejected}.items())
         rounds.add_row(str(r.round), *[f"{r.metrics[m]:.4f}" if m in r.metrics else "" for m in metric_names],
-                       f"{len(r.survivors)}/{len(r.cohort)}", note[:60])
+                       f"{len(r.survivors)}/{len(r.cohort)}", escape(note[:80]))
     console.print(rounds)
     sites = Table(title="privacy spent per site (whole run)")
     for column in ("site", "epsilon", "delta", "budget", "rounds trained"):
@@ -56,6 +57,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError("give either a CONFIG to start a run or --resume DIR to continue one, not both")
         federation = Federation.resume(args.resume)
     else:
+        if args.config is None and Path("securefed.toml").is_file():
+            print("securefed run: note: ./securefed.toml is not read without being named; running the built-in "
+                  "default (use `securefed run securefed.toml` to run that file)", file=sys.stderr)
         config = load_config(args.config) if args.config is not None else default_config()
         federation = Federation(config, run_dir=args.run_dir)
     config = federation.config
@@ -71,14 +75,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"securefed run: interrupted{where}", file=sys.stderr)
         return 130
     if args.json:
-        json.dump(result.summary, sys.stdout, indent=2)
+        json.dump(result.summary, sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
     elif not args.quiet:
         _print_table(result, config, sys.stdout)
     failed = [r for r in result.rounds if r.failure]
     if result.rounds and len(failed) == len(result.rounds):
-        print(f"securefed run: no round produced an update (round {failed[0].round}: {failed[0].failure})",
-              file=sys.stderr)
+        first = failed[0]
+        reasons = "; ".join(f"{site}: {why}" for site, why in {**first.refusals, **first.rejected}.items())
+        print(f"securefed run: no round produced an update (round {first.round}: {first.failure}"
+              + (f"; the sites said: {reasons}" if reasons else "") + ")", file=sys.stderr)
         return 1
     return 0
 

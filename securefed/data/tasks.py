@@ -115,6 +115,11 @@ def load_task(config: DataConfig, *, sites: Sequence[str], seed: int) -> Federat
                       rng=np.random.default_rng([int(seed), _SPLIT_STREAM]), groups=source.groups,
                       what=f"{source.name!r}", hint=hint)
     data = source.data
+    bad = [what for what, part in (("the data", data), ("the test split", source.test))
+           if part is not None and not np.isfinite(part.inputs).all()]
+    if bad:
+        raise ConfigError(f"{' and '.join(bad)} of {source.name!r} hold NaN or infinite values; clean or drop "
+                          "those records (training on them would spend privacy budget and learn nothing)")
     if source.standardise:
         data = _standardised(data, np.concatenate([train for train, _ in parts.sites]))
     test = source.test if source.test is not None else data.subset(parts.test)

@@ -1,10 +1,11 @@
 """Crash-consistent checkpoints of a run: after every completed round, the state to resume from.
 
-A checkpoint is a directory ``checkpoints/round-NNNN/`` holding the global model (``model.npy``)
-and the run's history (``state.json``), written under a temporary name, flushed to disk and then
-renamed; ``checkpoints/LATEST`` (replaced atomically) names the newest complete one. A process
-killed at any moment leaves either the previous checkpoint or the new one, never a mix. The
-previous checkpoint is kept until the next one is complete.
+A checkpoint is a directory ``checkpoints/round-NNNN-<random>/`` holding the global model
+(``model.npy``) and the run's history (``state.json``), written under a temporary name, flushed
+to disk and then renamed; ``checkpoints/LATEST`` (replaced atomically) names the newest complete
+one. A directory is never rewritten in place, so a process killed at any moment leaves either the
+previous checkpoint or the new one, never a mix. The previous checkpoint is kept until the next
+one is complete.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def save_checkpoint(run_dir: str | os.PathLike[str], state: RunState) -> Path:
     """Write ``state`` as the newest checkpoint of ``run_dir`` (atomically) and return its path."""
     base = _directory(Path(run_dir))
     base.mkdir(exist_ok=True)
-    name = f"round-{state.completed_rounds:04d}"
-    temporary = base / f".{name}.{secrets.token_hex(6)}.tmp"
+    name = f"round-{state.completed_rounds:04d}-{secrets.token_hex(4)}"
+    temporary = base / f".{name}.tmp"
     temporary.mkdir()
     try:
         with open(temporary / "model.npy", "wb") as out:
@@ -54,8 +55,6 @@ def save_checkpoint(run_dir: str | os.PathLike[str], state: RunState) -> Path:
                            "history": state.history}, indent=1)
         write_atomic(temporary / "state.json", text.encode(), mode=0o644, overwrite=False)
         final = base / name
-        if final.exists():  # left by an attempt killed before it updated LATEST
-            shutil.rmtree(final)
         os.replace(temporary, final)
         fsync_path(base)
     except BaseException:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,8 @@ __all__ = ["RoundRecord", "FederationResult", "SiteSummary", "write_run_outputs"
 @dataclass(frozen=True)
 class RoundRecord:
     round: int
-    metrics: dict[str, float]  # the global model on the global test set (empty when not evaluated)
+    # the global model on the global test set: {} when not evaluated this round, None while pending
+    metrics: dict[str, float] | None
     cohort: tuple[str, ...]
     survivors: tuple[str, ...]
     refusals: dict[str, str] = field(default_factory=dict)
@@ -56,7 +58,7 @@ class RoundRecord:
                    seconds=data.get("seconds", 0.0), bytes_received=data.get("bytes_received", 0))
 
     def status_line(self) -> str:
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in self.metrics.items())
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in (self.metrics or {}).items())
         status = f"round {self.round}: {len(self.survivors)}/{len(self.cohort)} sites"
         if self.failure:
             status += f", failed ({self.failure[:60]})"
@@ -90,6 +92,17 @@ class FederationResult:
 
     def epsilon(self, site: str) -> float | None:
         return self.sites[site].epsilon
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: such a metric (a diverged model) is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def transcript_summary(transcript: Transcript) -> dict[str, Any]:
@@ -130,12 +143,12 @@ def write_run_outputs(*, run_dir: Path, config: Any, task: Any, state: Any, eval
     final_metrics = next((r.metrics for r in reversed(rounds) if r.metrics), {})
     sites = {name: _site_summary(run_dir, name, config) for name in config.site_names()}
     evaluator.save(state.model, run_dir / "model.pt")
-    lines = "".join(json.dumps(r.to_dict()) + "\n" for r in rounds)
+    lines = "".join(json.dumps(_finite(r.to_dict()), allow_nan=False) + "\n" for r in rounds)
     write_atomic(run_dir / "metrics.jsonl", lines.encode(), mode=0o644, overwrite=True)
     traffic = transcript_summary(transcript)
     write_atomic(run_dir / "coordinator_transcript.json", json.dumps(traffic, indent=1).encode(), mode=0o644,
                  overwrite=True)
-    summary = {
+    summary = _finite({
         "run_dir": str(run_dir),
         "task": task.description,
         "aggregation": config.federation.aggregation.value,
@@ -146,8 +159,8 @@ def write_run_outputs(*, run_dir: Path, config: Any, task: Any, state: Any, eval
         "final_metrics": final_metrics,
         "seconds": round(seconds, 2),
         "coordinator": traffic,
-    }
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1).encode(), mode=0o644, overwrite=True)
+    })
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=False).encode(), mode=0o644, overwrite=True)
     return FederationResult(run_dir=run_dir, rounds=rounds, sites=sites, final_metrics=final_metrics,
                             model=state.model, transcript=traffic, summary=summary,
                             coordinator_transcript=transcript)

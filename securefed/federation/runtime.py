@@ -108,10 +108,15 @@ class Federation:
         started = time.perf_counter()
         bar = _progress_bar(progress, total=config.federation.rounds, done=state.completed_rounds)
         try:
+            state = self._evaluate_pending(run_dir, evaluator, task, state)
             for round_ in range(state.completed_rounds + 1, config.federation.rounds + 1):
-                record = self._round(coordinator, recorder, evaluator, task, state, round_, attempt, names)
-                state = RunState(round_, state.model, [*state.history, record.to_dict()])
+                record, model = self._round(coordinator, recorder, task, state, round_, attempt, names)
+                # The new model is on disk before anything else happens: a crash from here on
+                # resumes with this round done instead of replaying it.
+                state = RunState(round_, model, [*state.history, record.to_dict()])
                 save_checkpoint(run_dir, state)
+                state = self._evaluate_pending(run_dir, evaluator, task, state)
+                record = RoundRecord.from_dict(state.history[-1])
                 if bar is not None:
                     bar.advance(record)
                 if on_round is not None:
@@ -126,8 +131,20 @@ class Federation:
         return write_run_outputs(run_dir=run_dir, config=config, task=task, state=state, evaluator=evaluator,
                                  transcript=recorder.transcript, seconds=time.perf_counter() - started)
 
-    def _round(self, coordinator: Coordinator, recorder: RecordingTransport, evaluator: Any, task: Any,
-               state: RunState, round_: int, attempt: int, names: list[str]) -> RoundRecord:
+    def _evaluate_pending(self, run_dir: Path, evaluator: Any, task: Any, state: RunState) -> RunState:
+        """Evaluate the last completed round if its checkpoint was saved before its evaluation."""
+        if not state.history or state.history[-1].get("metrics") is not None:
+            return state
+        round_ = state.completed_rounds
+        every = self.config.evaluation.every
+        due = round_ % every == 0 or round_ == self.config.federation.rounds
+        metrics = evaluator.evaluate(state.model, task.test) if due else {}
+        state = RunState(round_, state.model, [*state.history[:-1], {**state.history[-1], "metrics": metrics}])
+        save_checkpoint(run_dir, state)
+        return state
+
+    def _round(self, coordinator: Coordinator, recorder: RecordingTransport, task: Any,
+               state: RunState, round_: int, attempt: int, names: list[str]) -> tuple[RoundRecord, np.ndarray]:
         config = self.config
         seed = config.federation.seed
         cohort = _cohort(names, config.federation.sites_per_round, seed, round_)
@@ -136,16 +153,14 @@ class Federation:
         outcome: RoundOutcome = coordinator.run_round(
             round_=round_, protocol_round=round_ * MAX_ATTEMPTS + attempt, cohort=cohort, model=state.model,
             graph_seed=federation_random(seed).fork(f"graph/{round_}/{attempt}").random_bytes(32))
+        model = state.model
         if outcome.mean_update is not None:
-            state.model = (state.model + outcome.mean_update).astype(np.float32)
-        metrics: dict[str, float] = {}
-        every = config.evaluation.every
-        if round_ % every == 0 or round_ == config.federation.rounds:
-            metrics = evaluator.evaluate(state.model, task.test)
-        return RoundRecord(round=round_, metrics=metrics, cohort=outcome.cohort, survivors=outcome.survivors,
-                           refusals=outcome.refusals, rejected=outcome.rejected, failure=outcome.failure,
-                           seconds=time.perf_counter() - tick,
-                           bytes_received=recorder.transcript.bytes_received - before)
+            model = (state.model + outcome.mean_update).astype(np.float32)
+        record = RoundRecord(round=round_, metrics=None, cohort=outcome.cohort, survivors=outcome.survivors,
+                             refusals=outcome.refusals, rejected=outcome.rejected, failure=outcome.failure,
+                             seconds=time.perf_counter() - tick,
+                             bytes_received=recorder.transcript.bytes_received - before)
+        return record, model
 
     # ------------------------------------------------------------------ before any training
     def _preflight(self, task: Any) -> Any:
@@ -186,6 +201,10 @@ class Federation:
             plan = plan_training(dp, dataset_size=len(site.train))
         except ConfigError as exc:
             return list(exc.problems)
+        except PrivacyError as exc:
+            return [f"[privacy] target_epsilon cannot be reached over {self.config.federation.rounds} rounds ({exc}); "
+                    "raise target_epsilon, or train less per site: fewer rounds, a smaller batch_size or fewer "
+                    "epochs_per_round"]
         events = [plan.round_event()] + ([site_event] if site_event is not None else [])
         try:
             one_round = compose_epsilon(events, delta=plan.delta, accountant=plan.accountant)
@@ -243,8 +262,11 @@ class _Bar:
     def __init__(self, total: int, done: int) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        from rich.console import Console
+
         self._progress = Progress(TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), TextColumn("{task.fields[status]}"), transient=False)
+                                  TimeElapsedColumn(), TextColumn("{task.fields[status]}", markup=False),
+                                  transient=False, console=Console(stderr=True))
         self._task = self._progress.add_task("rounds", total=total, completed=done, status="")
         self._progress.start()
 

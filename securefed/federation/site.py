@@ -6,19 +6,22 @@ local (DP-)SGD from it, and joins secure aggregation with the update; it then an
 messages with its :class:`~securefed.secagg.SecAggClient`. It refuses, rather than obeys:
 
 - a round whose aggregation is weaker than the federation agreed (a "plain" request under secure
-  aggregation would reveal its update in the clear);
+  aggregation would reveal its update in the clear), or whose protocol configuration its
+  secure-aggregation client would refuse (checked before anything is charged or trained);
 - a protocol round id not above the last one it started (replay protection, persisted first);
-- a second run of a training round from a *different* model: a replay after a crash reuses the
-  round's ledger charge and reproduces the same noise, which is only harmless from the same model;
-- under site-level distributed DP, a replay of a round whose noised update already left the
-  site: two sums over different survivors with the same noise would reveal their difference,
-  which carries too little noise on its own. The site sits that round out (its charge stands).
+- a second attempt at a training round whose update already left the site (marked on disk just
+  before it leaves): two sums over different sets of sites holding the same update would reveal
+  their difference. A replay after a crash therefore happens only when nothing of the round left
+  the site; it then reuses the round's ledger charges (nothing was released under them) and must
+  start from the same model.
 
 With site-level DP (``site_dp``), the site charges its ledger for the worst case the protocol
-allows (only ``threshold`` sites' noise in the sum) before encoding, and settles the charge with
-the signed survivor list once it knows who is in the sum.
+allows (only ``threshold`` sites' noise in the sum) before training, and lowers the charge to the
+survivors actually summed once their list is certified by the unmask stage (complete graph only;
+on a sparse graph it cannot check every survivor, so the worst case stands).
 
-Everything it must remember is in its :class:`~securefed.federation.workspace.SiteWorkspace`.
+A failure of local training is a refusal of that round, not a crash of the federation.
+Everything the site must remember is in its :class:`~securefed.federation.workspace.SiteWorkspace`.
 """
 
 from __future__ import annotations
@@ -44,9 +47,8 @@ from securefed.federation.workspace import SiteWorkspace
 from securefed.primitives.keys import Roster, SiteIdentity
 from securefed.primitives.randomness import RandomSource, SeededRandom
 from securefed.secagg.client import SecAggClient
-from securefed.secagg.config import SecAggConfig
-from securefed.secagg.config import RoundConfig
-from securefed.secagg.messages import ConsistencySignature, MaskedInput, decode_message
+from securefed.secagg.config import RoundConfig, SecAggConfig
+from securefed.secagg.messages import MaskedInput, RoundSetup, UnmaskShares, decode_message
 from securefed.secagg.modular import ModularInput
 
 __all__ = ["FederationSite", "LocalLearner", "training_round_id"]
@@ -97,6 +99,16 @@ class FederationSite:
         except ProtocolError as exc:
             self.refusals.append(f"malformed message: {exc}")
             return None
+        try:
+            return self._dispatch(message)
+        except Exception as exc:  # noqa: BLE001 - one site's failure must not stop the federation
+            self.refusals.append(f"failed on {type(message).__name__}: {type(exc).__name__}: {exc}")
+            self._client = None
+            if isinstance(message, RoundStart):
+                return SiteRefusal(message.round, f"the site failed ({type(exc).__name__})").encode()
+            return None
+
+    def _dispatch(self, message: Any) -> bytes | None:
         if isinstance(message, RoundStart):
             return self._start_round(message)
         if isinstance(message, ProtocolRelay):
@@ -112,13 +124,26 @@ class FederationSite:
         self.refusals.append(f"round {round_}: {reason}")
         return SiteRefusal(round_, reason).encode()
 
-    def _untrained(self, round_: int, trained_from: str | None, reason: str) -> bytes:
-        """Refuse a round refused before any DP-SGD charge: it no longer counts as trained here."""
-        if trained_from is None:
+    def _untrained(self, round_: int, reason: str) -> bytes:
+        """Refuse a round whose training never charged DP-SGD: it does not count as trained here."""
+        if not self._dp_sgd_charged(round_):
             state = self.workspace.load_state()
             state.trained.pop(round_, None)
             self.workspace.save_state(state)
         return self._refuse(round_, reason)
+
+    def _dp_sgd_charged(self, round_: int) -> bool:
+        if self._ledger is None:
+            return False
+        from securefed.privacy.events import PoissonSampledGaussian
+
+        key = training_round_id(round_)
+        return any(e.round_id == key and isinstance(e.event, PoissonSampledGaussian) for e in self._ledger.entries())
+
+    def _mark_released(self, round_: int) -> None:
+        state = self.workspace.load_state()
+        state.released.add(round_)
+        self.workspace.save_state(state)  # before the update leaves: a replay will sit the round out
 
     def learner(self) -> LocalLearner:
         if self._learner is None:
@@ -136,43 +161,45 @@ class FederationSite:
                 setup = decode_message(start.setup)
             except ProtocolError as exc:
                 return self._refuse(start.round, f"malformed protocol setup: {exc}")
-            if setup.round_id != start.protocol_round:
-                return self._refuse(start.round, "the protocol setup names another round")
+            if not isinstance(setup, RoundSetup) or setup.round_id != start.protocol_round:
+                return self._refuse(start.round, "the protocol setup is not this round's")
         state = self.workspace.load_state()
         previous = state.previous_protocol_round
         if previous is not None and start.protocol_round <= previous:
             return self._refuse(start.round, f"protocol round {start.protocol_round} is not above the last one "
                                              f"started ({previous}); replayed or stale rounds are refused")
-        if self._site_dp is not None and start.round in state.noised_sent:
-            return self._refuse(start.round, "this round's noised update already left this site in an earlier "
-                                             "attempt; sitting out its replay keeps two sums from sharing that noise")
+        if start.round in state.released:
+            return self._refuse(start.round, "this round's update already left this site in an earlier attempt; "
+                                             "sitting out its replay keeps two releases from being combined")
         digest = model_digest(start.model).hex()
         trained_from = state.trained.get(start.round)
         if trained_from is not None and trained_from != digest:
-            return self._refuse(start.round, "this round was already trained from a different model; "
-                                             "repeating it would reuse its noise on other data")
+            return self._refuse(start.round, "this round was already started from a different model")
+        if setup is not None:
+            problem = self._setup_problem(setup.config, previous, start.model.size)
+            if problem is not None:
+                return self._refuse(start.round, f"secure aggregation refused: {problem}")
         state.previous_protocol_round = start.protocol_round
         state.trained[start.round] = digest
-        self.workspace.save_state(state)  # before anything leaves this site
+        self.workspace.save_state(state)  # before anything is charged or leaves this site
         self._evaluate(start.round - 1, start.model)
-        if self._site_dp is not None:  # charged first: a refusal here leaves DP-SGD's budget untouched
-            try:
-                self._charge_site_level(start.round, setup.config, start.model.size)
-            except PrivacyBudgetExceeded:
-                return self._untrained(start.round, trained_from, "privacy budget exhausted")
-            except SecurefedError as exc:
-                return self._untrained(start.round, trained_from, f"site-level DP refused the round: {exc}")
-            finally:
-                self._publish_ledger()
         try:
+            if self._site_dp is not None:  # charged first: its refusal leaves DP-SGD's budget untouched
+                self._charge_site_level(start.round, setup.config, start.model.size)
             result = self.learner().train_round(start.model, round_id=training_round_id(start.round),
                                                 replay_charged=trained_from is not None)
+            update = np.asarray(result.update, dtype=np.float32)
+            if update.shape != start.model.shape or not np.isfinite(update).all():
+                raise ProtocolAbort("local training produced an update of the wrong shape or with NaN/inf")
         except PrivacyBudgetExceeded:
-            return self._untrained(start.round, trained_from, "privacy budget exhausted")
+            return self._untrained(start.round, "privacy budget exhausted")
+        except Exception as exc:  # noqa: BLE001 - this site sits the round out; the federation goes on
+            self.refusals.append(f"round {start.round}: local training failed: {type(exc).__name__}: {exc}")
+            return self._untrained(start.round, f"local training failed ({type(exc).__name__})")
         finally:
             self._publish_ledger()
-        update = np.asarray(result.update, dtype=np.float32)
         if start.aggregation == "plain":
+            self._mark_released(start.round)
             return PlainUpdate(start.round, 1.0, update).encode()
         self._protocol_round = start.protocol_round
         vector: np.ndarray | ModularInput = update
@@ -190,6 +217,27 @@ class FederationSite:
             return self._refuse(start.round, f"secure aggregation refused: {exc}")
         return ProtocolRelay(start.protocol_round, reply.encode()).encode()
 
+    def _setup_problem(self, config: RoundConfig, previous: int | None, model_size: int) -> str | None:
+        """Why this site's secure-aggregation client would refuse ``config`` (None if it would not).
+
+        Run before anything is charged or trained: a client with no input yet checks the round
+        (replay, threshold floor, the agreed policy, participants, roster) exactly as the real
+        one will, so a bogus configuration costs the site nothing.
+        """
+        probe = SecAggClient(identity=self.identity, roster=self.roster, vector=None, weight=1.0,
+                             rng=self._fork(f"probe/{config.round_id}"), previous_round=previous, policy=self.policy)
+        try:
+            probe.handle(RoundSetup.for_config(config))
+        except ProtocolError as exc:
+            return str(exc)
+        expected = model_size
+        if self._site_dp is not None:
+            expected = self._site_dp.encoder(dimension=model_size, cohort=config.n_sites,
+                                             threshold=config.threshold).padded_dimension
+        if config.vector_length != expected:
+            return f"the round sums {config.vector_length} values; this site's update has {expected}"
+        return None
+
     def _relay(self, relay: ProtocolRelay) -> bytes | None:
         if self._client is None or relay.protocol_round != self._protocol_round:
             self.refusals.append(f"protocol message for round {relay.protocol_round} outside a round")
@@ -200,11 +248,9 @@ class FederationSite:
             self.refusals.append(f"protocol round {relay.protocol_round}: {exc}")
             self._client = None
             return None
-        if self._site_charge is not None and isinstance(reply, MaskedInput):
-            state = self.workspace.load_state()
-            state.noised_sent.add(self._round)  # type: ignore[arg-type]
-            self.workspace.save_state(state)  # before the noised update leaves
-        if self._site_charge is not None and isinstance(reply, ConsistencySignature):
+        if isinstance(reply, MaskedInput):
+            self._mark_released(self._round)  # type: ignore[arg-type]
+        if self._site_charge is not None and isinstance(reply, UnmaskShares):
             self._settle()
         return ProtocolRelay(relay.protocol_round, reply.encode()).encode()
 
@@ -231,11 +277,17 @@ class FederationSite:
         self._site_charge = (charge, encoder)
 
     def _settle(self) -> None:
-        """Lower the worst-case charge to the noise of the sites the signed survivor list names."""
+        """Lower the worst-case charge to the noise of the survivors actually summed.
+
+        Called once the client has accepted the unmask request, i.e. after it checked that
+        ``threshold`` sites signed the same survivor list. Only on a complete graph does that
+        cover every survivor; on a sparse graph the worst-case charge stands.
+        """
         charge, encoder = self._site_charge  # type: ignore[misc]
         self._site_charge = None
-        survivors = self._client.survivors if self._client is not None else None
-        if not survivors:
+        client = self._client
+        survivors = client.survivors if client is not None else None
+        if not survivors or client is None or client.config is None or client.config.neighbourhood_size != client.config.n_sites:
             return
         actual = encoder.event(sites=len(survivors))
         if actual == charge.event:

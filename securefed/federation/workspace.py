@@ -37,14 +37,14 @@ class SiteState:
 
     previous_protocol_round: int | None = None
     trained: dict[int, str] = field(default_factory=dict)  # round -> hex digest of its starting model
-    # Rounds whose site-level noised update left this site (masked): never sent again (see site.py).
-    noised_sent: set[int] = field(default_factory=set)
+    # Rounds whose update left this site (masked or, for "plain", in the clear): never sent again.
+    released: set[int] = field(default_factory=set)
 
     def to_json(self) -> str:
         return json.dumps({"format": _STATE_FORMAT, "version": 1,
                            "previous_protocol_round": self.previous_protocol_round,
                            "trained": {str(k): v for k, v in sorted(self.trained.items())},
-                           "noised_sent": sorted(self.noised_sent)}, indent=1)
+                           "released": sorted(self.released)}, indent=1)
 
     @classmethod
     def from_json(cls, text: str, where: Path) -> SiteState:
@@ -56,11 +56,11 @@ class SiteState:
             if previous is not None and (isinstance(previous, bool) or not isinstance(previous, int)):
                 raise ValueError("bad previous_protocol_round")
             trained = {int(k): str(v) for k, v in data["trained"].items()}
-            noised_sent = {int(r) for r in data.get("noised_sent", [])}
+            released = {int(r) for r in data["released"]}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"{where} is not a valid site state file ({exc}); restore it from a backup "
                               "(deleting it would let old protocol rounds be replayed)") from None
-        return cls(previous, trained, noised_sent)
+        return cls(previous, trained, released)
 
 
 class SiteWorkspace:

@@ -18,8 +18,18 @@ def test_save_and_load_the_newest(tmp_path):
         save_checkpoint(tmp_path, RunState(r, np.full(5, r, np.float32), [{"round": i} for i in range(1, r + 1)]))
     state = load_checkpoint(tmp_path)
     assert state.completed_rounds == 3 and state.model.tolist() == [3.0] * 5 and len(state.history) == 3
-    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert kept == ["LATEST", "round-0002", "round-0003"]
+    kept = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "checkpoints").iterdir() if p.name != "LATEST")
+    assert kept == ["round-0002", "round-0003"]
+    assert (tmp_path / "checkpoints" / "LATEST").read_text().startswith("round-0003-")
+
+
+def test_saving_the_same_round_again_never_touches_the_directory_latest_names(tmp_path):
+    save_checkpoint(tmp_path, RunState(1, np.ones(3, np.float32), [{"round": 1, "metrics": None}]))
+    first = (tmp_path / "checkpoints" / "LATEST").read_text()
+    save_checkpoint(tmp_path, RunState(1, np.ones(3, np.float32), [{"round": 1, "metrics": {"accuracy": 1.0}}]))
+    second = (tmp_path / "checkpoints" / "LATEST").read_text()
+    assert first != second and (tmp_path / "checkpoints" / first).is_dir()  # the previous one is kept
+    assert load_checkpoint(tmp_path).history == [{"round": 1, "metrics": {"accuracy": 1.0}}]
 
 
 def test_a_write_killed_halfway_leaves_the_previous_checkpoint(tmp_path):
@@ -29,8 +39,8 @@ def test_a_write_killed_halfway_leaves_the_previous_checkpoint(tmp_path):
     # a complete directory that LATEST does not name yet.
     (base / ".round-0002.abc.tmp").mkdir()
     (base / ".round-0002.abc.tmp" / "model.npy").write_bytes(b"\x93NUMPY partial")
-    (base / "round-0002").mkdir()
-    (base / "round-0002" / "state.json").write_text("{")
+    (base / "round-0002-0000").mkdir()
+    (base / "round-0002-0000" / "state.json").write_text("{")
     assert load_checkpoint(tmp_path).completed_rounds == 1
     save_checkpoint(tmp_path, RunState(2, np.full(4, 2, np.float32), [{"round": 1}, {"round": 2}]))
     assert load_checkpoint(tmp_path).completed_rounds == 2
@@ -39,7 +49,8 @@ def test_a_write_killed_halfway_leaves_the_previous_checkpoint(tmp_path):
 
 def test_a_damaged_checkpoint_is_a_clear_error(tmp_path):
     save_checkpoint(tmp_path, RunState(1, np.ones(4, np.float32), []))
-    (tmp_path / "checkpoints" / "round-0001" / "model.npy").write_bytes(b"not numpy")
+    latest = (tmp_path / "checkpoints" / "LATEST").read_text()
+    (tmp_path / "checkpoints" / latest / "model.npy").write_bytes(b"not numpy")
     with pytest.raises(ConfigError, match="unreadable"):
         load_checkpoint(tmp_path)
 

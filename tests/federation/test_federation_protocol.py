@@ -112,7 +112,7 @@ def test_a_site_refuses_to_send_its_update_in_the_clear_to_a_downgrading_coordin
     assert all(not learner.calls for learner in fed.learners.values()), "a site trained for a refused round"
 
 
-def test_stale_protocol_rounds_and_replays_from_another_model_are_refused(tmp_path):
+def test_stale_protocol_rounds_and_replays_of_released_rounds_are_refused(tmp_path):
     fed = small_federation(tmp_path, n=3)
     model = np.zeros(40, dtype=np.float32)
     fed.coordinator.run_round(round_=1, protocol_round=1000, cohort=list(fed.sites), model=model, graph_seed=bytes(32))
@@ -122,20 +122,76 @@ def test_stale_protocol_rounds_and_replays_from_another_model_are_refused(tmp_pa
                                       graph_seed=bytes(32))
     assert again.mean_update is None and all("not above" in r for r in again.refusals.values())
 
-    # Round 1 again under a fresh id but from a different model: refused (its noise would be reused).
-    other = np.full(40, 0.5, dtype=np.float32)
-    replay = fed.coordinator.run_round(round_=1, protocol_round=1001, cohort=list(fed.sites), model=other,
-                                       graph_seed=bytes(32))
-    assert replay.mean_update is None and all("different model" in r for r in replay.refusals.values())
-
-    # From the same model it is a replay: allowed, and the learner is told so (it reuses the charge).
-    same = fed.coordinator.run_round(round_=1, protocol_round=1002, cohort=list(fed.sites), model=model,
-                                     graph_seed=bytes(32))
-    assert same.failure is None
+    # Round 1 again under a fresh id, from the same model: every update of round 1 already left,
+    # so every site sits it out. Otherwise a coordinator could replay the round without one site
+    # and subtract the two sums to get that site's update.
+    for cohort in (list(fed.sites), ["h0", "h1"]):
+        replay = fed.coordinator.run_round(round_=1, protocol_round=1001 + len(cohort), cohort=cohort, model=model,
+                                           graph_seed=bytes(32))
+        assert replay.mean_update is None and all("sitting out" in r for r in replay.refusals.values())
+        assert set(replay.refusals) == set(cohort)
     for learner in fed.learners.values():
-        assert learner.calls == [("round-1", False), ("round-1", True)]
+        assert learner.calls == [("round-1", False)]
     state = fed.sites["h0"].workspace.load_state()
-    assert state.previous_protocol_round == 1002 and state.trained == {1: model_digest(model).hex()}
+    assert state.previous_protocol_round == 1000 and state.trained == {1: model_digest(model).hex()}
+    assert state.released == {1}
+
+
+def test_a_round_cut_short_before_any_update_left_is_replayed_from_the_same_model_only(tmp_path):
+    # Every reply of the first exchange is lost: the sites trained but sent only their keys.
+    fed = small_federation(tmp_path, n=3, transport_wrapper=lambda inner: FaultInjectingTransport(
+        inner, lambda i, site, _: i == 1))
+    model = np.zeros(40, dtype=np.float32)
+    first = fed.coordinator.run_round(round_=1, protocol_round=1000, cohort=list(fed.sites), model=model,
+                                      graph_seed=bytes(32))
+    assert first.mean_update is None
+    other = np.full(40, 0.5, dtype=np.float32)
+    refused = fed.coordinator.run_round(round_=1, protocol_round=1001, cohort=list(fed.sites), model=other,
+                                        graph_seed=bytes(32))
+    assert refused.mean_update is None and all("different model" in r for r in refused.refusals.values())
+    replay = fed.coordinator.run_round(round_=1, protocol_round=1002, cohort=list(fed.sites), model=model,
+                                       graph_seed=bytes(32))
+    assert replay.failure is None
+    np.testing.assert_allclose(replay.mean_update, _expected_mean(fed, model, fed.sites), atol=1e-6)
+    for learner in fed.learners.values():  # the replay is told so: it reuses the round's charge
+        assert learner.calls == [("round-1", False), ("round-1", True)]
+
+
+def test_a_bogus_round_configuration_is_refused_before_training_or_charging(tmp_path):
+    from securefed.federation.messages import RoundStart
+    from securefed.secagg.config import RoundConfig
+    from securefed.secagg.messages import RoundSetup
+
+    fed = small_federation(tmp_path, n=5)
+    honest = fed.coordinator.policy.round_config(n_sites=5, vector_length=40, round_id=1000,
+                                                 roster_digest=fed.roster.digest(), graph_seed=bytes(32))
+    weak = RoundConfig(**{**{f: getattr(honest, f) for f in ("round_id", "roster_digest", "participants",
+                                                             "neighbors", "graph_seed", "vector_length",
+                                                             "bit_width", "clip", "scale", "max_weight")},
+                          "threshold": 2})
+    start = RoundStart(1, 1000, "secagg", np.zeros(40, np.float32), RoundSetup.for_config(weak).encode()).encode()
+    replies = fed.recorder.exchange({n: start for n in fed.sites})
+    for data in replies.values():
+        assert "secure aggregation refused" in decode_federation_message(data).reason
+    assert all(not learner.calls for learner in fed.learners.values())
+    assert fed.sites["h0"].workspace.load_state().trained == {}
+
+
+def test_a_site_whose_training_fails_sits_the_round_out_and_the_others_go_on(tmp_path):
+    fed = small_federation(tmp_path, n=5)
+
+    def broken(global_vector, *, round_id, replay_charged=False):
+        raise FloatingPointError("the loss diverged")
+
+    fed.learners["h2"].train_round = broken
+    model = np.zeros(40, dtype=np.float32)
+    outcome = fed.coordinator.run_round(round_=1, protocol_round=1000, cohort=list(fed.sites), model=model,
+                                        graph_seed=bytes(32))
+    assert outcome.refusals == {"h2": "local training failed (FloatingPointError)"}
+    assert outcome.failure is None and "h2" not in outcome.survivors
+    np.testing.assert_allclose(outcome.mean_update, _expected_mean(fed, model, outcome.survivors), atol=1e-6)
+    assert any("the loss diverged" in line for line in fed.sites["h2"].refusals)  # the detail stays local
+    assert fed.sites["h2"].workspace.load_state().trained == {}
 
 
 def test_a_site_out_of_budget_refuses_and_the_round_goes_on_without_it(tmp_path):

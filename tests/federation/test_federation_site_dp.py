@@ -171,3 +171,44 @@ def test_site_level_dp_that_cannot_work_is_refused_before_training(tmp_path, agg
     done = securefed("run", str(config), "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert done.returncode == 2 and expected.replace("\\", "") in done.stderr, done.stderr
     assert not (tmp_path / "run" / "sites").exists()
+
+
+def test_an_inflated_survivor_list_shown_to_one_site_cannot_lower_its_charge(tmp_path):
+    """Attack: the coordinator discards one site's masked input, shows the victim a survivor list
+    that still names it (more noise than the sum holds) and shows everyone else the truth. The
+    victim settles only after the unmask stage has certified the list, which never comes."""
+    from securefed.federation.messages import ProtocolRelay, decode_federation_message
+    from securefed.secagg.messages import SurvivorList, decode_message
+
+    victim, discarded = "h0", "h5"
+
+    class LyingCoordinatorTransport:
+        def __init__(self, inner):
+            self.inner, self.exchanges = inner, 0
+
+        def exchange(self, outgoing):
+            self.exchanges += 1
+            outgoing = dict(outgoing)
+            if self.exchanges == 4 and victim in outgoing:  # the consistency check's survivor list
+                relay = decode_federation_message(outgoing[victim])
+                shown = decode_message(relay.payload)
+                assert isinstance(shown, SurvivorList)
+                inflated = SurvivorList(round_id=shown.round_id, config_digest=shown.config_digest,
+                                        survivors=tuple(sorted({*shown.survivors, 5})))
+                outgoing[victim] = ProtocolRelay(relay.protocol_round, inflated.encode()).encode()
+            replies = self.inner.exchange(outgoing)
+            if self.exchanges >= 3:
+                replies.pop(discarded, None)
+            return replies
+
+        def close(self):
+            self.inner.close()
+
+    fed = small_federation(tmp_path, n=6, length=LENGTH, site_dp=_site_dp(), transport_wrapper=LyingCoordinatorTransport)
+    outcome = _run(fed)
+    assert outcome.mean_update is not None and victim in outcome.survivors and len(outcome.survivors) == 5
+    victim_entries = _entries(fed, victim)
+    assert [e.kind for e in victim_entries] == [EntryKind.CHARGE]  # the worst case stands
+    assert victim_entries[0].event.sites == fed.coordinator.policy.resolve(6)[1] < 5
+    for name in ("h1", "h2", "h3", "h4"):  # the honest view: settled to the 5 sites really summed
+        assert _entries(fed, name)[1].event.sites == 5
