@@ -99,7 +99,10 @@ class Reader:
         self._data = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
         self._pos = 0
         self._what = what
-        self._immutable = isinstance(data, bytes)
+        # Arrays may be read in place only from memory nobody can change: bytes, or a read-only
+        # view of bytes (an inner message read out of an outer one with blob_view).
+        self._immutable = isinstance(data, bytes) or (
+            isinstance(data, memoryview) and data.readonly and isinstance(data.obj, bytes))
 
     def _take(self, size: int, field: str) -> memoryview:
         end = self._pos + size
@@ -137,6 +140,15 @@ class Reader:
                 f"{self._what}: {field} is {size} bytes, more than the limit of {max_size}"
             )
         return bytes(self._take(size, field))
+
+    def blob_view(self, field: str, *, max_size: int | None = None) -> memoryview:
+        """Like :meth:`blob`, but a read-only view into the message instead of a copy."""
+        size = self.u32(f"length of {field}")
+        if max_size is not None and size > max_size:
+            raise MalformedMessageError(
+                f"{self._what}: {field} is {size} bytes, more than the limit of {max_size}"
+            )
+        return self._take(size, field).toreadonly()
 
     def count(self, field: str, *, item_size: int, max_count: int | None = None) -> int:
         """Read a u32 element count and check the items can fit in what is left."""

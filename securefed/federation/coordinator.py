@@ -122,8 +122,13 @@ class Coordinator:
                                           participants=indices)
         server = SecAggServer(config, self.roster)
         setups = server.begin()
-        outgoing = {names[i]: RoundStart(round_, protocol_round, "secagg", model, m.encode()).encode()
-                    for i, m in setups.items()}
+        encoded: dict[bytes, bytes] = {}  # every site gets the same setup: encode the model once
+        outgoing = {}
+        for i, setup in setups.items():
+            setup_bytes = setup.encode()
+            if setup_bytes not in encoded:
+                encoded[setup_bytes] = RoundStart(round_, protocol_round, "secagg", model, setup_bytes).encode()
+            outgoing[names[i]] = encoded[setup_bytes]
         refusals: dict[str, str] = {}
         rejected: dict[str, str] = {}
         while True:

@@ -35,6 +35,7 @@ __all__ = [
 _MAGIC = b"SFFD"
 WIRE_VERSION = 1
 MAX_TEXT = 4096
+_RELAY_PAD = 6  # header (6) + round (8) + pad (6) + length (4) = 24: the payload is 8-byte aligned
 AGGREGATION_CODES = {"plain": 0, "secagg": 1, "he": 2}
 
 
@@ -91,18 +92,26 @@ class RoundStart:
 
 @dataclass(frozen=True, eq=False)
 class ProtocolRelay:
-    """Either direction: one secure-aggregation message, as bytes, for round ``protocol_round``."""
+    """Either direction: one secure-aggregation message, as bytes, for round ``protocol_round``.
+
+    The payload starts 8-byte aligned in the encoding and is decoded as a read-only view of it,
+    so a multi-megabyte masked input is not copied on its way through.
+    """
 
     KIND = 2
     protocol_round: int
-    payload: bytes
+    payload: bytes | memoryview
 
     def encode(self) -> bytes:
-        return _header(self.KIND).u64(self.protocol_round).blob(self.payload).getvalue()
+        header = _header(self.KIND).u64(self.protocol_round).fixed(bytes(_RELAY_PAD), _RELAY_PAD)
+        return header.blob(self.payload).getvalue()
 
     @classmethod
     def _decode(cls, r: Reader) -> ProtocolRelay:
-        return cls(r.u64("protocol round"), r.blob("payload"))
+        protocol_round = r.u64("protocol round")
+        if any(r.fixed(_RELAY_PAD, "padding")):
+            raise MalformedMessageError("federation message: the relay's padding is not zero")
+        return cls(protocol_round, r.blob_view("payload"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -205,7 +214,7 @@ def message_kind(data: bytes) -> str:
     if cls is None:
         return "malformed"
     if cls is ProtocolRelay:
-        inner = view[6 + 8 + 4:]  # after the header, the protocol round (u64) and the blob length (u32)
+        inner = view[6 + 8 + _RELAY_PAD + 4:]  # after the header, the round, the padding and the length
         from securefed.secagg.messages import message_kind_name
 
         return f"ProtocolRelay/{message_kind_name(inner)}"

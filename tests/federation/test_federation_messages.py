@@ -87,3 +87,18 @@ def test_corrupted_valid_messages_never_crash_the_decoder(offset, junk):
         decode_federation_message(bytes(data))
     except MalformedMessageError:
         pass
+
+
+def test_a_relayed_masked_input_is_read_in_place_aligned_and_read_only():
+    from securefed.secagg.messages import MaskedInput, decode_message
+
+    values = np.arange(1001, dtype=np.uint32)
+    inner = MaskedInput(round_id=7, config_digest=bytes(32), sender=3, values=values)
+    outer = ProtocolRelay(7, inner.encode()).encode()
+    relay = decode_federation_message(outer)
+    decoded = decode_message(relay.payload)
+    np.testing.assert_array_equal(decoded.values, values)
+    assert np.shares_memory(decoded.values, np.frombuffer(outer, dtype=np.uint8))  # no copy on the way
+    assert decoded.values.flags.aligned and not decoded.values.flags.writeable
+    with pytest.raises(MalformedMessageError, match="padding"):
+        decode_federation_message(outer[:15] + b"\x01" + outer[16:])
