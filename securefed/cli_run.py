@@ -36,12 +36,16 @@ def _print_table(result: Any, config: Any, stream: Any) -> None:
         rounds.add_row(str(r.round), *[f"{r.metrics[m]:.4f}" if m in r.metrics else "" for m in metric_names],
                        f"{len(r.survivors)}/{len(r.cohort)}", escape(note[:80]))
     console.print(rounds)
-    sites = Table(title="privacy spent per site (whole run)")
-    for column in ("site", "epsilon", "delta", "budget", "rounds trained"):
+    sites = Table(title="each site: privacy spent over the run, data, its own validation of the final model")
+    validation_names = sorted({k for s in result.sites.values() for k in s.validation if k != "loss"})
+    for column in ("site", "epsilon", "delta", "budget", "rounds trained", "train / val records",
+                   *[f"val {m}" for m in validation_names]):
         sites.add_column(column, justify="left" if column == "site" else "right")
     for name, s in result.sites.items():
         sites.add_row(name, "-" if s.epsilon is None else f"{s.epsilon:.3f}", "-" if s.delta is None else f"{s.delta:g}",
-                      "-" if s.budget_epsilon is None else f"{s.budget_epsilon:g}", str(s.rounds_trained))
+                      "-" if s.budget_epsilon is None else f"{s.budget_epsilon:g}", str(s.rounds_trained),
+                      f"{s.train_records} / {s.validation_records}",
+                      *[f"{s.validation[m]:.4f}" if m in s.validation else "" for m in validation_names])
     console.print(sites)
     final = ", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items())
     console.print(f"final model on the global test set: {final}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,13 @@ class SiteSummary:
     ledger_id: str | None
     rounds_trained: int
     validation: dict[str, float]  # the site's own evaluation of the final model on its held-out split
+    train_records: int = 0  # the size of the site's training split
+    validation_records: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon, "delta": self.delta, "budget_epsilon": self.budget_epsilon,
-                "ledger_id": self.ledger_id, "rounds_trained": self.rounds_trained, "validation": self.validation}
+                "ledger_id": self.ledger_id, "rounds_trained": self.rounds_trained, "validation": self.validation,
+                "train_records": self.train_records, "validation_records": self.validation_records}
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,7 +122,12 @@ def transcript_summary(transcript: Transcript) -> dict[str, Any]:
             "received_by_kind": {k: {"messages": received[k], "bytes": received_bytes[k]} for k in sorted(received)}}
 
 
-def _site_summary(run_dir: Path, name: str, config: Any) -> SiteSummary:
+def _site_summary(run_dir: Path, name: str, data: Any) -> SiteSummary:
+    summary = _ledger_summary(run_dir, name)
+    return replace(summary, train_records=len(data.train), validation_records=len(data.val))
+
+
+def _ledger_summary(run_dir: Path, name: str) -> SiteSummary:
     from securefed.primitives.keys import SiteIdentity
     from securefed.privacy.ledger import PrivacyLedger
 
@@ -141,7 +149,7 @@ def write_run_outputs(*, run_dir: Path, config: Any, task: Any, state: Any, eval
     """Write summary.json, metrics.jsonl, the final model and the transcript summary; return the result."""
     rounds = [RoundRecord.from_dict(r) for r in state.history]
     final_metrics = next((r.metrics for r in reversed(rounds) if r.metrics), {})
-    sites = {name: _site_summary(run_dir, name, config) for name in config.site_names()}
+    sites = {site.name: _site_summary(run_dir, site.name, site) for site in task.sites}
     evaluator.save(state.model, run_dir / "model.pt")
     lines = "".join(json.dumps(_finite(r.to_dict()), allow_nan=False) + "\n" for r in rounds)
     write_atomic(run_dir / "metrics.jsonl", lines.encode(), mode=0o644, overwrite=True)

@@ -102,11 +102,11 @@ class Federation:
         checkpoint = load_checkpoint(run_dir) if self._resuming else None
         state = checkpoint or RunState(0, evaluator.initial_vector(), [])
         transport, sites = self._transport(run_dir, task, roster)
+        bar = _progress_bar(progress, total=config.federation.rounds, done=state.completed_rounds)
         recorder = RecordingTransport(transport, keep_payloads=keep_transcript, classify=message_kind)
-        coordinator = Coordinator(roster=roster, transport=recorder, aggregation=config.federation.aggregation.value,
+        coordinator = Coordinator(roster=roster, transport=recorder if bar is None else _StageTransport(recorder, bar), aggregation=config.federation.aggregation.value,
                                   policy=config.secagg_config(), site_dp=SiteLevelDP.from_config(config))
         started = time.perf_counter()
-        bar = _progress_bar(progress, total=config.federation.rounds, done=state.completed_rounds)
         try:
             state = self._evaluate_pending(run_dir, evaluator, task, state)
             for round_ in range(state.completed_rounds + 1, config.federation.rounds + 1):
@@ -122,6 +122,8 @@ class Federation:
                 if on_round is not None:
                     on_round(record)
             coordinator.release(round_=state.completed_rounds, model=state.model, sites=names)
+            if bar is not None and state.history:
+                bar.status(RoundRecord.from_dict(state.history[-1]).status_line())
         finally:
             if bar is not None:
                 bar.close()
@@ -273,8 +275,36 @@ class _Bar:
     def advance(self, record: RoundRecord) -> None:
         self._progress.update(self._task, advance=1, status=record.status_line())
 
+    def status(self, text: str) -> None:
+        self._progress.update(self._task, status=text)
+
     def close(self) -> None:
         self._progress.stop()
+
+
+# What the sites are doing while the coordinator waits for each kind of message it sent.
+_STAGES = {
+    "RoundStart": "sites training", "ProtocolRelay/KeyDirectory": "secure aggregation: sharing keys",
+    "ProtocolRelay/ShareDelivery": "secure aggregation: masking updates",
+    "ProtocolRelay/SurvivorList": "secure aggregation: consistency check",
+    "ProtocolRelay/UnmaskRequest": "secure aggregation: unmasking", "ModelRelease": "sites evaluating the model",
+}
+
+
+class _StageTransport:
+    """Shows on the progress bar what each exchange is waiting for (a round can take minutes)."""
+
+    def __init__(self, inner: Transport, bar: _Bar) -> None:
+        self.inner, self.bar = inner, bar
+
+    def exchange(self, outgoing: Any) -> dict[str, bytes]:
+        if outgoing:
+            kind = message_kind(next(iter(outgoing.values())))
+            self.bar.status(_STAGES.get(kind, kind))
+        return self.inner.exchange(outgoing)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def _progress_bar(enabled: bool, *, total: int, done: int) -> _Bar | None:

@@ -211,7 +211,7 @@ def test_on_round_sees_every_round_in_order_and_progress_does_not_break_a_non_te
     assert [(r.round, r.cohort, r.survivors, r.metrics) for r in seen] == \
         [(r.round, r.cohort, r.survivors, r.metrics) for r in result.rounds]
     assert seen[0].metrics == {} and "accuracy" in seen[1].metrics and "accuracy" in seen[2].metrics
-    assert "federated rounds" in capsys.readouterr().out
+    assert "federated rounds" in capsys.readouterr().err  # progress goes to stderr
 
 
 # ------------------------------------------------------------------ budgets
