@@ -22,8 +22,7 @@ Torch loads only when a run starts, so ``import securefed.federation`` stays lig
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from securefed._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "Federation": "runtime",
@@ -50,14 +49,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

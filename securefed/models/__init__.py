@@ -9,8 +9,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from securefed._lazy import lazy_exports
 
 from .config import MODEL_NAMES, ModelConfig, ModelName, model_problems, resolved_name
 
@@ -19,14 +18,4 @@ __all__ = ["MODEL_NAMES", "ModelConfig", "ModelName", "model_problems", "resolve
 _LAZY = {"build_model": "factory"}
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -17,8 +17,7 @@ The torch-based parts load on first use, so ``import securefed.privacy`` stays l
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from securefed._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     # accounting
@@ -79,14 +78,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -17,15 +17,7 @@ from securefed.federation.setup import SiteRecipe, make_identities
 from securefed.federation.site import FederationSite
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The coordinator's own model on one thread, as each worker runs its sites."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(workers: int):
