@@ -61,6 +61,8 @@ class LocalLearner(Protocol):
 
     def evaluate(self, vector: np.ndarray, data: Any) -> dict[str, float]: ...
 
+    # Optional: ``parameter_count() -> int``, checked against every model the coordinator sends.
+
 
 def training_round_id(round_: int) -> str:
     """The ledger's round id of federated round ``round_`` (1-based)."""
@@ -105,7 +107,7 @@ class FederationSite:
             self.refusals.append(f"failed on {type(message).__name__}: {type(exc).__name__}: {exc}")
             self._client = None
             if isinstance(message, RoundStart):
-                return SiteRefusal(message.round, f"the site failed ({type(exc).__name__})").encode()
+                return self._untrained(message.round, f"the site failed ({type(exc).__name__})")
             return None
 
     def _dispatch(self, message: Any) -> bytes | None:
@@ -171,6 +173,10 @@ class FederationSite:
         if start.round in state.released:
             return self._refuse(start.round, "this round's update already left this site in an earlier attempt; "
                                              "sitting out its replay keeps two releases from being combined")
+        learner = self.learner()
+        count = getattr(learner, "parameter_count", None)
+        if not np.isfinite(start.model).all() or (count is not None and start.model.size != count()):
+            return self._refuse(start.round, "the model sent has the wrong number of parameters or non-finite values")
         digest = model_digest(start.model).hex()
         trained_from = state.trained.get(start.round)
         if trained_from is not None and trained_from != digest:
@@ -182,11 +188,11 @@ class FederationSite:
         state.previous_protocol_round = start.protocol_round
         state.trained[start.round] = digest
         self.workspace.save_state(state)  # before anything is charged or leaves this site
-        self._evaluate(start.round - 1, start.model)
         try:
+            self._evaluate(start.round - 1, start.model)
             if self._site_dp is not None:  # charged first: its refusal leaves DP-SGD's budget untouched
                 self._charge_site_level(start.round, setup.config, start.model.size)
-            result = self.learner().train_round(start.model, round_id=training_round_id(start.round),
+            result = learner.train_round(start.model, round_id=training_round_id(start.round),
                                                 replay_charged=trained_from is not None)
             update = np.asarray(result.update, dtype=np.float32)
             if update.shape != start.model.shape or not np.isfinite(update).all():

@@ -36,6 +36,9 @@ class NumpyLearner:
             raise PrivacyBudgetExceeded("test budget")
         return Update(((self.target - global_vector) * 0.5).astype(np.float32))
 
+    def parameter_count(self) -> int:
+        return self.target.size
+
     def evaluate(self, vector, data):
         return {"distance": float(np.linalg.norm(vector - self.target))}
 

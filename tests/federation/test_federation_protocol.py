@@ -249,3 +249,41 @@ def test_sites_record_their_own_evaluation_of_each_released_model(tmp_path):
     assert [r["round"] for r in rows] == [0, 1]
     target = fed.learners["h0"].target
     assert rows[1]["metrics"]["distance"] == pytest.approx(float(np.linalg.norm(model + 1 - target)))
+
+
+def test_a_model_of_the_wrong_size_is_refused_before_anything_is_charged(tmp_path):
+    fed = small_federation(tmp_path, n=4)
+    wrong = np.zeros(41, dtype=np.float32)  # the round's configuration agrees with it; the sites' model does not
+    outcome = fed.coordinator.run_round(round_=1, protocol_round=1000, cohort=list(fed.sites), model=wrong,
+                                        graph_seed=bytes(32))
+    assert outcome.mean_update is None
+    assert all("wrong number of parameters" in r for r in outcome.refusals.values())
+    assert all(not learner.calls for learner in fed.learners.values())
+    assert fed.sites["h0"].workspace.load_state().trained == {}
+    poisoned = np.full(40, np.nan, dtype=np.float32)
+    outcome = fed.coordinator.run_round(round_=1, protocol_round=1001, cohort=list(fed.sites), model=poisoned,
+                                        graph_seed=bytes(32))
+    assert all("non-finite" in r for r in outcome.refusals.values())
+
+
+def test_a_site_that_fails_before_training_can_take_the_round_later_from_any_model(tmp_path):
+    fed = small_federation(tmp_path, n=4)
+    site = fed.sites["h1"]
+    working = site._make_learner
+    failures = iter([RuntimeError("the GPU is busy")])
+
+    def flaky():
+        for exc in failures:
+            raise exc
+        return working()
+
+    site._make_learner = flaky
+    model = np.zeros(40, dtype=np.float32)
+    first = fed.coordinator.run_round(round_=1, protocol_round=1000, cohort=list(fed.sites), model=model,
+                                      graph_seed=bytes(32))
+    assert first.refusals == {"h1": "the site failed (RuntimeError)"} and first.failure is None
+    assert site.workspace.load_state().trained == {}
+    other = np.full(40, 0.1, dtype=np.float32)
+    second = fed.coordinator.run_round(round_=1, protocol_round=1001, cohort=["h1", "h2"], model=other,
+                                       graph_seed=bytes(32))
+    assert "h1" not in second.refusals  # h1 had released nothing for round 1: it may take part
