@@ -300,8 +300,26 @@ def parse_config(mapping: Mapping[str, Any], *, base_dir: str | Path | None = No
     if problems or sites is None or any(v is None for v in built.values()):
         if not problems:  # pragma: no cover - every None above recorded a problem
             problems.append("the config could not be read")
+        problems += _section_checks(built, sites)
         raise ConfigError(problems)
     return FederationConfig(sites=sites, **built)
+
+
+def _section_checks(built: dict[str, Any], sites: tuple[SiteSpec, ...] | None) -> list[str]:
+    """The checks ``validate`` would run on the sections that did parse, so that a config with a
+    typo elsewhere still hears about its missing data file or unfit model in the same message."""
+    from securefed.data import data_problems
+    from securefed.federation.config_checks import known_spec
+    from securefed.models import model_problems
+
+    found: list[str] = []
+    data, model = built.get("data"), built.get("model")
+    if data is not None and sites is not None:
+        found += prefixed("[data]", data_problems(data, sites=[s.name for s in sites]))
+    spec = known_spec(data) if data is not None else None
+    if model is not None and spec is not None:
+        found += prefixed("[model]", model_problems(model, spec))
+    return found
 
 
 def load_config(path: str | Path) -> FederationConfig:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from securefed.data import TaskSpec
     from securefed.federation.config import FederationConfig
 
-__all__ = ["validate", "prefixed"]
+__all__ = ["validate", "prefixed", "known_spec"]
 
 
 def prefixed(label: str, problems: list[str]) -> list[str]:
@@ -28,7 +28,7 @@ def prefixed(label: str, problems: list[str]) -> list[str]:
 _BREAST_CANCER_FEATURES = 30  # the Wisconsin data's 30 real-valued features
 
 
-def _known_spec(data: DataConfig) -> TaskSpec | None:
+def known_spec(data: DataConfig) -> TaskSpec | None:
     """The task spec of an embedded data kind (known without loading); None for the user's files."""
     from securefed.data import DataKind, TaskKind, TaskSpec
     from securefed.data.embedded import synthetic_shape
@@ -47,7 +47,7 @@ def _model_problems(config: FederationConfig) -> list[str]:
     # The user's own data has to be opened to know its shape: the run checks the model then.
     from securefed.models import model_problems
 
-    spec = _known_spec(config.data)
+    spec = known_spec(config.data)
     return [] if spec is None else prefixed("[model]", model_problems(config.model, spec))
 
 

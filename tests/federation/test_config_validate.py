@@ -83,3 +83,14 @@ def test_problems_of_every_check_come_together() -> None:
         "privacy": {"budget_epsilon": 1},
     })
     assert [p.split(" ")[0] for p in problems] == ["[model]", "[secagg]", "[privacy]"], problems
+
+
+def test_a_typo_elsewhere_does_not_hide_the_data_and_model_problems(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"federation": {"rounsd": 2}, "data": {"kind": "medmnist", "path": "missing.npz"}},
+                     base_dir=tmp_path)
+    text = str(caught.value)
+    assert "did you mean 'rounds'" in text and "missing.npz" in text
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"federation": {"rounsd": 2}, "model": {"name": "unet"}})
+    assert "did you mean 'rounds'" in str(caught.value) and "unet" in str(caught.value)
