@@ -183,8 +183,8 @@ def label_ids(tables: Sequence[LabelTable], problems: list[str]) -> tuple[dict[s
     All labels must be non-negative integers, or all names (sorted to give the ids).
     """
     labels = sorted({row.label for table in tables for row in table.rows})
-    numbers = [lab for lab in labels if _INT.match(lab)]
-    names = [lab for lab in labels if not _INT.match(lab)]
+    numbers = [lab for lab in labels if _INT.fullmatch(lab)]
+    names = [lab for lab in labels if not _INT.fullmatch(lab)]
     if numbers and names:
         problems.append(f"the labels mix class ids {_shown([repr(n) for n in numbers])} with class names "
                         f"{_shown([repr(n) for n in names])}: "

@@ -98,7 +98,7 @@ def site_name_problems(name: object) -> list[str]:
         return ["a site name must not be empty"]
     if len(name) > MAX_SITE_NAME:
         return [f"site name {name[:20]!r}... is {len(name)} characters; the limit is {MAX_SITE_NAME}"]
-    if not _SITE_NAME.match(name):
+    if not _SITE_NAME.fullmatch(name):
         return [f"site name {name!r} may hold only letters, digits, '-', '_' and '.', starting with a "
                 "letter or digit (it names the site's folder and key files)"]
     return []

@@ -21,7 +21,7 @@ _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 def _key(name: object) -> str:
     if not isinstance(name, str):
         raise TypeError(f"TOML keys must be strings, got {type(name).__name__}")
-    return name if _BARE_KEY.match(name) else _string(name)
+    return name if _BARE_KEY.fullmatch(name) else _string(name)  # fullmatch: "$" would allow a trailing newline
 
 
 def _string(text: str) -> str:

@@ -88,7 +88,7 @@ class TrainingSettings:
         if self.max_physical_batch_size is not None and not _is_count(self.max_physical_batch_size):
             problems.append("max_physical_batch_size must be an int >= 1 (or unset), "
                             f"got {self.max_physical_batch_size!r}")
-        if not isinstance(self.device, str) or not DEVICE_PATTERN.match(self.device):
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
             problems.append(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         for name in ("learning_rate", "momentum", "epochs_per_round"):
             value = getattr(self, name)

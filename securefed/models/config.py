@@ -119,7 +119,7 @@ class ModelConfig:
         problems: list[str] = []
         object.__setattr__(self, "name", _model_name(self.name, problems))
         if self.factory is not None:
-            if not isinstance(self.factory, str) or not _FACTORY.match(self.factory.strip()):
+            if not isinstance(self.factory, str) or not _FACTORY.fullmatch(self.factory.strip()):
                 problems.append(f"factory must look like \"package.module:function\" (an importable module, "
                                 f"a colon, a function taking the task spec), got {self.factory!r}")
             else:

@@ -178,7 +178,7 @@ class DPSGDConfig:
             object.__setattr__(self, "clipping", clipping_mode(self.clipping))
         except ConfigError as exc:
             problems.extend(exc.problems)
-        if not isinstance(self.device, str) or not _DEVICE.match(self.device):
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
             problems.append(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if not isinstance(self.distributed, bool):
             problems.append(f"distributed must be True or False, got {self.distributed!r}")

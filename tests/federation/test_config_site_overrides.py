@@ -56,3 +56,11 @@ def test_a_site_target_above_the_budget_is_refused():
 def test_unknown_site_keys_suggest_the_right_one():
     with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
         parse_config({"sites": [{"name": "kings", "learning_rat": 0.1}, {"name": "guys"}]})
+
+
+@pytest.mark.parametrize("bad", [{"sites": [{"name": "kings\n"}, {"name": "guys"}]},
+                                 {"training": {"device": "cpu\n"}}])
+def test_a_trailing_newline_does_not_sneak_past_a_pattern(bad):
+    # A site name becomes a directory name; "$" in a regular expression also matches before "\n".
+    with pytest.raises(ConfigError):
+        parse_config(bad)
