@@ -1,0 +1,99 @@
+"""CKKS parameters for addition-only aggregation, checked for 128-bit security and for overflow.
+
+Aggregation only adds ciphertexts (multiplicative depth 0), so the ciphertext modulus q only has
+to hold the scaled sum: ``max_sites * clip * max_weight * 2**scale_bits < q / 2`` with head-room,
+and the ring degree n and log2(q) must stay within the HomomorphicEncryption.org standard's
+128-bit bound for ternary secrets (Albrecht et al., "Homomorphic Encryption Standard", 2018):
+
+    n      1024  2048  4096  8192  16384  32768
+    log q    27    54   109   218    438    881
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from securefed.errors import ConfigError
+
+__all__ = ["HEConfig", "MAX_LOG_Q_128"]
+
+MAX_LOG_Q_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+_HEADROOM_BITS = 2  # beyond the sum's magnitude, so rounding noise never reaches q/2
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HEConfig:
+    """CKKS settings of encrypted aggregation; every problem is reported at once.
+
+    ``poly_modulus_degree`` n gives n/2 slots per ciphertext; ``coeff_mod_bit_sizes`` the primes of
+    q (their sum must meet the 128-bit bound for n); ``scale_bits`` the fixed-point scale 2^s.
+    Each site's values are clipped to ``[-clip, clip]`` and weighted by at most ``max_weight``;
+    up to ``max_sites`` of them are summed.
+    """
+
+    poly_modulus_degree: int = 8192
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 60)
+    scale_bits: int = 40
+    clip: float = 1.0
+    max_weight: float = 1.0
+    max_sites: int = 100
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        n, bits = self.poly_modulus_degree, self.coeff_mod_bit_sizes
+        object.__setattr__(self, "coeff_mod_bit_sizes", tuple(bits) if isinstance(bits, list | tuple) else bits)
+        bits = self.coeff_mod_bit_sizes
+        if n not in MAX_LOG_Q_128:
+            problems.append(f"poly_modulus_degree must be one of {sorted(MAX_LOG_Q_128)}, got {n!r}")
+        if not isinstance(bits, tuple) or not bits or not all(_is_int(b) and 20 <= b <= 60 for b in bits):
+            problems.append(f"coeff_mod_bit_sizes must be a non-empty list of prime sizes in [20, 60] bits, got {bits!r}")
+        elif n in MAX_LOG_Q_128 and sum(bits) > MAX_LOG_Q_128[n]:
+            problems.append(f"coeff_mod_bit_sizes sum to {sum(bits)} bits, above the {MAX_LOG_Q_128[n]} bits that keep "
+                            f"ring degree {n} at 128-bit security; use smaller primes or a larger poly_modulus_degree")
+        if not _is_int(self.scale_bits) or not 10 <= self.scale_bits <= 60:
+            problems.append(f"scale_bits must be an int in [10, 60], got {self.scale_bits!r}")
+        for name in ("clip", "max_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                problems.append(f"{name} must be a finite number > 0, got {value!r}")
+        if not _is_int(self.max_sites) or self.max_sites < 1:
+            problems.append(f"max_sites must be an int >= 1, got {self.max_sites!r}")
+        if not problems:
+            need, have = self.sum_bits(), self.data_modulus_bits
+            if need > have:
+                problems.append(
+                    f"a sum of {self.max_sites} sites' values up to {self.clip * self.max_weight:g} at scale 2^"
+                    f"{self.scale_bits} needs {need} bits, but the ciphertext modulus has {have}: lower scale_bits "
+                    f"to at most {self.scale_bits - (need - have)}, or lower clip, max_weight or max_sites")
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def slots(self) -> int:
+        """Values packed into one ciphertext."""
+        return self.poly_modulus_degree // 2
+
+    @property
+    def data_modulus_bits(self) -> int:
+        """Bits of the modulus ciphertexts live in: every prime but the last, which SEAL keeps
+        for key switching (a single prime is both)."""
+        bits = self.coeff_mod_bit_sizes
+        return sum(bits[:-1]) if len(bits) > 1 else bits[0]
+
+    @property
+    def scale(self) -> float:
+        return float(2**self.scale_bits)
+
+    def sum_bits(self) -> int:
+        """Bits the largest possible sum occupies at this scale, head-room and sign included."""
+        magnitude = self.max_sites * self.clip * self.max_weight * self.scale
+        return math.ceil(math.log2(magnitude)) + 1 + _HEADROOM_BITS
+
+    def ciphertexts_for(self, length: int) -> int:
+        """How many ciphertexts a vector of ``length`` values packs into."""
+        return max(1, -(-length // self.slots))
