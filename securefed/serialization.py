@@ -141,6 +141,14 @@ class Reader:
             )
         return bytes(self._take(size, field))
 
+    def header(self, magic: bytes, version: int, *, kind: str) -> None:
+        """Read and check a message's magic bytes and format version (``kind`` names it in errors)."""
+        if self.fixed(len(magic), "magic") != magic:
+            raise MalformedMessageError(f"not a securefed {kind} (bad magic bytes)")
+        found = self.u8("version")
+        if found != version:
+            raise MalformedMessageError(f"{kind} version {found} is not supported (expected {version})")
+
     def blob_view(self, field: str, *, max_size: int | None = None) -> memoryview:
         """Like :meth:`blob`, but a read-only view into the message instead of a copy."""
         size = self.u32(f"length of {field}")

@@ -8,7 +8,6 @@ does the folder have one sub-folder per site) live in :func:`securefed.data.data
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from enum import Enum
@@ -17,6 +16,7 @@ from typing import TypeVar
 
 from ..errors import ConfigError
 from .types import DataKind, SplitKind
+from securefed._values import is_int, is_real
 
 __all__ = ["DataConfig", "EMBEDDED_KINDS", "SYNTHETIC_KINDS", "USER_KINDS", "MIN_IMAGE_SIZE"]
 
@@ -52,12 +52,6 @@ def _path(value: object, field: str, problems: list[str]) -> Path | None | objec
     return value
 
 
-def _is_real(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _is_int(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,17 +92,17 @@ class DataConfig:
         object.__setattr__(self, "path", path)
         object.__setattr__(self, "labels_csv", labels_csv)
 
-        if not _is_real(self.alpha) or self.alpha <= 0:
+        if not is_real(self.alpha) or self.alpha <= 0:
             problems.append(f"data.alpha must be a finite number > 0 (smaller = more label skew, "
                             f"e.g. 0.1 strong, 100 nearly iid), got {self.alpha!r}")
         for field in ("val_fraction", "test_fraction"):
             value = getattr(self, field)
-            if not _is_real(value) or not 0 < value < 1:
+            if not is_real(value) or not 0 < value < 1:
                 problems.append(f"data.{field} must be a number strictly between 0 and 1 "
                                 f"(e.g. 0.2), got {value!r}")
-        if self.samples is not None and (not _is_int(self.samples) or self.samples < 1):
+        if self.samples is not None and (not is_int(self.samples) or self.samples < 1):
             problems.append(f"data.samples must be an int >= 1 (or unset for the default), got {self.samples!r}")
-        if self.image_size is not None and not _is_int(self.image_size):
+        if self.image_size is not None and not is_int(self.image_size):
             problems.append(f"data.image_size must be an int (or unset), got {self.image_size!r}")
         if isinstance(kind, DataKind):
             self._check_kind(kind, split, path, labels_csv, problems)
@@ -129,7 +123,7 @@ class DataConfig:
             problems.append(f"data.labels_csv applies only to kind 'image-folder', not {name!r}; remove it")
         if self.samples is not None and kind not in SYNTHETIC_KINDS:
             problems.append(f"data.samples applies only to the synthetic kinds, not {name!r}; remove it")
-        if _is_int(self.image_size):
+        if is_int(self.image_size):
             if kind is DataKind.BREAST_CANCER:
                 problems.append("data.image_size does not apply to 'breast-cancer' (tabular data); remove it")
             else:

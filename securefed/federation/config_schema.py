@@ -13,6 +13,7 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from securefed._values import is_int
 
 __all__ = [
     "Key",
@@ -165,9 +166,6 @@ def describe_value(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
 
 def _is_unset(key: Key, value: object) -> bool:
     if not key.has_unset or isinstance(value, bool):
@@ -188,18 +186,18 @@ def convert(label: str, name: str, key: Key, value: object, *, base_dir: Path,
         return None
     kind = key.kind
     ok = (
-        (kind == "int" and _is_int(value))
-        or (kind == "float" and (_is_int(value) or isinstance(value, float)))
+        (kind == "int" and is_int(value))
+        or (kind == "float" and (is_int(value) or isinstance(value, float)))
         or (kind == "bool" and isinstance(value, bool))
         or (kind in ("str", "path") and isinstance(value, str))
-        or (kind == "ints" and isinstance(value, list) and all(_is_int(v) for v in value))
-        or (kind == "neighbors" and (_is_int(value) or isinstance(value, str)))
+        or (kind == "ints" and isinstance(value, list) and all(is_int(v) for v in value))
+        or (kind == "neighbors" and (is_int(value) or isinstance(value, str)))
     )
     if not ok:
         given = describe_value(value)
         if kind == "ints" and isinstance(value, list):
             given = "an array holding " + ", ".join(sorted({describe_value(v).split(" ")[1] for v in value
-                                                            if not _is_int(v)}))
+                                                            if not is_int(v)}))
         problems.append(f"{label} {name} must be {key.expected}, got {given}")
         return INVALID
     if kind == "float":

@@ -7,7 +7,6 @@ reading and writing live in :mod:`securefed.federation.config`.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from securefed.errors import ConfigError
 from securefed.federation.training_settings import TrainingSettings
+from securefed._values import is_int, is_real
 
 if TYPE_CHECKING:
     from securefed.privacy import AccountantKind, ClippingMode, DPSGDConfig, PrivacyBudget
@@ -52,21 +52,15 @@ class Aggregation(Enum):
     PLAIN = "plain"
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _int_at_least(name: str, value: object, low: int, problems: list[str], meaning: str = "") -> None:
-    if not _is_int(value) or value < low:  # type: ignore[operator]
+    if not is_int(value) or value < low:  # type: ignore[operator]
         problems.append(f"{name} must be an integer >= {low}{meaning}, got {value!r}")
 
 
 def _positive(name: str, value: object, problems: list[str], unset: str = "") -> None:
-    if not _is_number(value) or value <= 0:  # type: ignore[operator]
+    if not is_real(value) or value <= 0:  # type: ignore[operator]
         problems.append(f"{name} must be a finite number > 0{unset}, got {value!r}")
 
 
@@ -86,7 +80,7 @@ def _enum(cls: type[Enum], name: str, value: object, problems: list[str]) -> Any
 def _as_float(obj: object, *names: str) -> None:
     for name in names:  # ints are accepted for float fields and stored as floats
         value = getattr(obj, name)
-        if _is_number(value):
+        if is_real(value):
             object.__setattr__(obj, name, float(value))
 
 
@@ -186,10 +180,10 @@ class SecAggSettings:
         if isinstance(k, str) and k.strip().lower() in ("auto", "all"):
             k = k.strip().lower()
             object.__setattr__(self, "neighbors", k)
-        elif not _is_int(k) or k < 2 or k % 2:  # type: ignore[operator]
+        elif not is_int(k) or k < 2 or k % 2:  # type: ignore[operator]
             problems.append(f'neighbors must be "auto", "all" or an even integer >= 2, got {k!r}')
             k = "auto"
-        if t is not None and (not _is_int(t) or t < 2):
+        if t is not None and (not is_int(t) or t < 2):
             problems.append(f"threshold must be an integer >= 2 (or unset for the default), got {t!r}")
             t = None
         _as_float(self, "clip")
@@ -231,7 +225,7 @@ class PrivacySettings:
         if not isinstance(self.enabled, bool):
             problems.append(f"enabled must be true or false, got {self.enabled!r}")
         _positive("target_epsilon", self.target_epsilon, problems)
-        if not _is_number(self.delta) or not 0 < self.delta < 1:  # type: ignore[operator]
+        if not is_real(self.delta) or not 0 < self.delta < 1:  # type: ignore[operator]
             problems.append(f"delta must be a number in (0, 1), well below 1 / (records per site), "
                             f"got {self.delta!r}")
         _positive("max_grad_norm", self.max_grad_norm, problems)

@@ -48,10 +48,6 @@ class RoundOutcome:
     rejected: dict[str, str] = field(default_factory=dict)  # site -> why the coordinator dropped its message
     failure: str | None = None  # why the round produced no update
 
-    @property
-    def dropped(self) -> tuple[str, ...]:
-        return tuple(s for s in self.cohort if s not in self.survivors)
-
 
 class Coordinator:
     def __init__(self, *, roster: Roster, transport: Transport, aggregation: str, policy: SecAggConfig,

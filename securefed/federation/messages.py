@@ -188,11 +188,7 @@ def decode_federation_message(data: bytes) -> FederationMessage:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MalformedMessageError(f"federation message must be bytes, got {type(data).__name__}")
     r = Reader(data, what="federation message")
-    if r.fixed(4, "magic") != _MAGIC:
-        raise MalformedMessageError("not a securefed federation message (bad magic bytes)")
-    version = r.u8("version")
-    if version != WIRE_VERSION:
-        raise MalformedMessageError(f"federation message version {version} is not supported (expected {WIRE_VERSION})")
+    r.header(_MAGIC, WIRE_VERSION, kind="federation message")
     kind = r.u8("kind")
     cls = _BY_KIND.get(kind)
     if cls is None:

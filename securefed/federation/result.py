@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ class RoundRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {"round": self.round, "metrics": self.metrics, "cohort": list(self.cohort),
-                "survivors": list(self.survivors), "dropped": [s for s in self.cohort if s not in self.survivors],
+                "survivors": list(self.survivors), "dropped": list(self.dropped),
                 "refusals": self.refusals, "rejected": self.rejected, "failure": self.failure,
                 "seconds": round(self.seconds, 3), "bytes_received": self.bytes_received}
 
@@ -56,6 +56,11 @@ class RoundRecord:
                    survivors=tuple(data["survivors"]), refusals=data.get("refusals", {}),
                    rejected=data.get("rejected", {}), failure=data.get("failure"),
                    seconds=data.get("seconds", 0.0), bytes_received=data.get("bytes_received", 0))
+
+    @property
+    def dropped(self) -> tuple[str, ...]:
+        """Sites of the cohort whose updates are not in the sum."""
+        return tuple(s for s in self.cohort if s not in self.survivors)
 
     def status_line(self) -> str:
         shown = ", ".join(f"{k} {v:.3f}" for k, v in (self.metrics or {}).items())
@@ -94,6 +99,7 @@ class FederationResult:
     coordinator_transcript: Transcript | None = None  # every message the coordinator sent and received
 
     def epsilon(self, site: str) -> float | None:
+        """What ``site`` spent over the run (None without DP)."""
         return self.sites[site].epsilon
 
 
@@ -122,26 +128,23 @@ def transcript_summary(transcript: Transcript) -> dict[str, Any]:
             "received_by_kind": {k: {"messages": received[k], "bytes": received_bytes[k]} for k in sorted(received)}}
 
 
-def _site_summary(run_dir: Path, name: str, data: Any) -> SiteSummary:
-    summary = _ledger_summary(run_dir, name)
-    return replace(summary, train_records=len(data.train), validation_records=len(data.val))
-
-
-def _ledger_summary(run_dir: Path, name: str) -> SiteSummary:
+def _site_summary(run_dir: Path, site: Any) -> SiteSummary:
+    """A site's spend (read from its ledger, verified under its key), records and own validation."""
     from securefed.primitives.keys import SiteIdentity
     from securefed.privacy.ledger import PrivacyLedger
 
-    workspace = site_workspace(run_dir, name)
+    workspace = site_workspace(run_dir, site.name)
     rows = workspace.metrics()
-    validation = max(rows, key=lambda r: r["round"])["metrics"] if rows else {}
-    trained = len(workspace.load_state().trained)
+    common = {"rounds_trained": len(workspace.load_state().trained),
+              "validation": max(rows, key=lambda r: r["round"])["metrics"] if rows else {},
+              "train_records": len(site.train), "validation_records": len(site.val)}
     if not workspace.ledger_file.exists():
-        return SiteSummary(None, None, None, None, trained, validation)
+        return SiteSummary(None, None, None, None, **common)
     public = SiteIdentity.load(workspace.identity_file).public()
     with PrivacyLedger.read(workspace.ledger_file, public_key=public) as ledger:
         spent = ledger.spent()
         return SiteSummary(float(spent.epsilon), float(spent.delta), float(ledger.budget.epsilon), ledger.ledger_id,
-                           trained, validation)
+                           **common)
 
 
 def write_run_outputs(*, run_dir: Path, config: Any, task: Any, state: Any, evaluator: Any,
@@ -149,7 +152,7 @@ def write_run_outputs(*, run_dir: Path, config: Any, task: Any, state: Any, eval
     """Write summary.json, metrics.jsonl, the final model and the transcript summary; return the result."""
     rounds = [RoundRecord.from_dict(r) for r in state.history]
     final_metrics = next((r.metrics for r in reversed(rounds) if r.metrics), {})
-    sites = {site.name: _site_summary(run_dir, site.name, site) for site in task.sites}
+    sites = {site.name: _site_summary(run_dir, site) for site in task.sites}
     evaluator.save(state.model, run_dir / "model.pt")
     lines = "".join(json.dumps(_finite(r.to_dict()), allow_nan=False) + "\n" for r in rounds)
     write_atomic(run_dir / "metrics.jsonl", lines.encode(), mode=0o644, overwrite=True)
@@ -162,7 +165,7 @@ def write_run_outputs(*, run_dir: Path, config: Any, task: Any, state: Any, eval
         "aggregation": config.federation.aggregation.value,
         "parameters": int(state.model.size),
         "rounds": [{"round": r.round, "metrics": r.metrics, "survivors": list(r.survivors),
-                    "dropped": [s for s in r.cohort if s not in r.survivors], "failure": r.failure} for r in rounds],
+                    "dropped": list(r.dropped), "failure": r.failure} for r in rounds],
         "sites": {name: s.to_dict() for name, s in sites.items()},
         "final_metrics": final_metrics,
         "seconds": round(seconds, 2),

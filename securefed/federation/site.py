@@ -46,7 +46,7 @@ from securefed.federation.site_level import SITE_DP_NOTE, SiteLevelDP, rotation_
 from securefed.federation.workspace import SiteWorkspace
 from securefed.primitives.keys import Roster, SiteIdentity
 from securefed.primitives.randomness import RandomSource, SeededRandom
-from securefed.secagg.client import SecAggClient
+from securefed.secagg.client import SecAggClient, round_config_problems
 from securefed.secagg.config import RoundConfig, SecAggConfig
 from securefed.secagg.messages import MaskedInput, RoundSetup, UnmaskShares, decode_message
 from securefed.secagg.modular import ModularInput
@@ -135,12 +135,9 @@ class FederationSite:
         return self._refuse(round_, reason)
 
     def _dp_sgd_charged(self, round_: int) -> bool:
-        if self._ledger is None:
-            return False
-        from securefed.privacy.events import PoissonSampledGaussian
+        from securefed.privacy.dpsgd_ledger import dp_sgd_round_ids
 
-        key = training_round_id(round_)
-        return any(e.round_id == key and isinstance(e.event, PoissonSampledGaussian) for e in self._ledger.entries())
+        return self._ledger is not None and training_round_id(round_) in dp_sgd_round_ids(self._ledger)
 
     def _mark_released(self, round_: int) -> None:
         state = self.workspace.load_state()
@@ -224,18 +221,14 @@ class FederationSite:
         return ProtocolRelay(start.protocol_round, reply.encode()).encode()
 
     def _setup_problem(self, config: RoundConfig, previous: int | None, model_size: int) -> str | None:
-        """Why this site's secure-aggregation client would refuse ``config`` (None if it would not).
-
-        Run before anything is charged or trained: a client with no input yet checks the round
-        (replay, threshold floor, the agreed policy, participants, roster) exactly as the real
-        one will, so a bogus configuration costs the site nothing.
-        """
-        probe = SecAggClient(identity=self.identity, roster=self.roster, vector=None, weight=1.0,
-                             rng=self._fork(f"probe/{config.round_id}"), previous_round=previous, policy=self.policy)
-        try:
-            probe.handle(RoundSetup.for_config(config))
-        except ProtocolError as exc:
-            return str(exc)
+        """Why this site's secure-aggregation client would refuse ``config`` (None if it would not),
+        checked before anything is charged or trained so a bogus configuration costs nothing."""
+        if previous is not None and config.round_id <= previous:
+            return f"round {config.round_id} is not newer than round {previous} (replay)"
+        problems = round_config_problems(config, roster=self.roster, site_id=self.roster.index(self.name),
+                                         policy=self.policy)
+        if problems:
+            return "refusing the round configuration: " + "; ".join(problems)
         expected = model_size
         if self._site_dp is not None:
             expected = self._site_dp.encoder(dimension=model_size, cohort=config.n_sites,

@@ -6,12 +6,12 @@ and the torch-based trainer (:mod:`securefed.federation.local_training`) imports
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from enum import Enum
 
 from securefed.errors import ConfigError
+from securefed._values import is_count, is_real
 
 __all__ = ["Optimizer", "TrainingSettings", "DEVICE_PATTERN"]
 
@@ -39,12 +39,6 @@ def _optimizer(value: object, problems: list[str]) -> Optimizer:
     return Optimizer.SGD
 
 
-def _is_number(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _is_count(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,28 +65,28 @@ class TrainingSettings:
     def __post_init__(self) -> None:
         problems: list[str] = []
         object.__setattr__(self, "optimizer", _optimizer(self.optimizer, problems))
-        if not _is_number(self.learning_rate) or self.learning_rate <= 0:
+        if not is_real(self.learning_rate) or self.learning_rate <= 0:
             problems.append(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
-        if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
+        if not is_real(self.momentum) or not 0 <= self.momentum < 1:
             problems.append(f"momentum must be a number in [0, 1), got {self.momentum!r}")
-        if not _is_count(self.batch_size):
+        if not is_count(self.batch_size):
             problems.append(f"batch_size must be an int >= 1, got {self.batch_size!r}")
-        if self.epochs_per_round is not None and (not _is_number(self.epochs_per_round)
+        if self.epochs_per_round is not None and (not is_real(self.epochs_per_round)
                                                   or self.epochs_per_round <= 0):
             problems.append(f"epochs_per_round must be a finite number > 0 (or unset), got {self.epochs_per_round!r}")
-        if self.steps_per_round is not None and not _is_count(self.steps_per_round):
+        if self.steps_per_round is not None and not is_count(self.steps_per_round):
             problems.append(f"steps_per_round must be an int >= 1 (or unset), got {self.steps_per_round!r}")
         if self.epochs_per_round is not None and self.steps_per_round is not None:
             problems.append("set at most one of epochs_per_round or steps_per_round: "
                             "a round is either a number of epochs or a number of steps")
-        if self.max_physical_batch_size is not None and not _is_count(self.max_physical_batch_size):
+        if self.max_physical_batch_size is not None and not is_count(self.max_physical_batch_size):
             problems.append("max_physical_batch_size must be an int >= 1 (or unset), "
                             f"got {self.max_physical_batch_size!r}")
         if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
             problems.append(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         for name in ("learning_rate", "momentum", "epochs_per_round"):
             value = getattr(self, name)
-            if _is_number(value):  # an int given for a float field is stored as a float
+            if is_real(value):  # an int given for a float field is stored as a float
                 object.__setattr__(self, name, float(value))
         if problems:
             raise ConfigError(problems)

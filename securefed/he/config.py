@@ -15,15 +15,13 @@ import math
 from dataclasses import dataclass
 
 from securefed.errors import ConfigError
+from securefed._values import is_int, is_real
 
 __all__ = ["HEConfig", "MAX_LOG_Q_128"]
 
 MAX_LOG_Q_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
 _HEADROOM_BITS = 2  # beyond the sum's magnitude, so rounding noise never reaches q/2
 
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,18 +51,18 @@ class HEConfig:
         bits = self.coeff_mod_bit_sizes
         if n not in MAX_LOG_Q_128:
             problems.append(f"poly_modulus_degree must be one of {sorted(MAX_LOG_Q_128)}, got {n!r}")
-        if not isinstance(bits, tuple) or not bits or not all(_is_int(b) and 20 <= b <= 60 for b in bits):
+        if not isinstance(bits, tuple) or not bits or not all(is_int(b) and 20 <= b <= 60 for b in bits):
             problems.append(f"coeff_mod_bit_sizes must be a non-empty list of prime sizes in [20, 60] bits, got {bits!r}")
         elif n in MAX_LOG_Q_128 and sum(bits) > MAX_LOG_Q_128[n]:
             problems.append(f"coeff_mod_bit_sizes sum to {sum(bits)} bits, above the {MAX_LOG_Q_128[n]} bits that keep "
                             f"ring degree {n} at 128-bit security; use smaller primes or a larger poly_modulus_degree")
-        if not _is_int(self.scale_bits) or not 10 <= self.scale_bits <= 60:
+        if not is_int(self.scale_bits) or not 10 <= self.scale_bits <= 60:
             problems.append(f"scale_bits must be an int in [10, 60], got {self.scale_bits!r}")
         for name in ("clip", "max_weight"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            if not is_real(value) or value <= 0:
                 problems.append(f"{name} must be a finite number > 0, got {value!r}")
-        if not _is_int(self.max_sites) or self.max_sites < 1:
+        if not is_int(self.max_sites) or self.max_sites < 1:
             problems.append(f"max_sites must be an int >= 1, got {self.max_sites!r}")
         if not problems:
             need, have = self.sum_bits(), self.data_modulus_bits

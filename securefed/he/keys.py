@@ -52,27 +52,22 @@ class SealedContext:
     sealed: bytes
     signature: bytes = b""
 
+    def _fields(self, w: Writer) -> Writer:
+        w.fixed(self.run_id, RUN_ID_SIZE).blob(self.site.encode()).blob(self.dealer.encode())
+        return w.fixed(self.secret_digest, 32).fixed(self.public_digest, 32)
+
     def statement(self) -> bytes:
-        """What the dealer signs: everything but the signature, with a domain label."""
-        w = Writer().blob(_DOMAIN).fixed(self.run_id, RUN_ID_SIZE)
-        w.blob(self.site.encode()).blob(self.dealer.encode())
-        w.fixed(self.secret_digest, 32).fixed(self.public_digest, 32)
-        return w.fixed(hashlib.sha256(self.sealed).digest(), 32).getvalue()
+        """What the dealer signs: everything but the signature (the box by its hash), domain-labelled."""
+        return self._fields(Writer().blob(_DOMAIN)).fixed(hashlib.sha256(self.sealed).digest(), 32).getvalue()
 
     def encode(self) -> bytes:
-        w = Writer().fixed(_MAGIC, 4).u8(_VERSION).fixed(self.run_id, RUN_ID_SIZE)
-        w.blob(self.site.encode()).blob(self.dealer.encode())
-        w.fixed(self.secret_digest, 32).fixed(self.public_digest, 32)
+        w = self._fields(Writer().fixed(_MAGIC, 4).u8(_VERSION))
         return w.blob(self.sealed).fixed(self.signature, 64).getvalue()
 
     @classmethod
     def decode(cls, data: bytes) -> SealedContext:
         r = Reader(data, what="sealed HE context")
-        if r.fixed(4, "magic") != _MAGIC:
-            raise MalformedMessageError("not a securefed sealed HE context (bad magic bytes)")
-        version = r.u8("version")
-        if version != _VERSION:
-            raise MalformedMessageError(f"sealed HE context version {version} is not supported (expected {_VERSION})")
+        r.header(_MAGIC, _VERSION, kind="sealed HE context")
         run_id = r.fixed(RUN_ID_SIZE, "run id")
         try:
             site = r.blob("site", max_size=_MAX_NAME).decode()

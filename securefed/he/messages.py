@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from securefed.errors import MalformedMessageError
 from securefed.serialization import Reader, Writer
 
 __all__ = ["EncryptedUpload", "MAX_CIPHERTEXTS", "MAX_CIPHERTEXT_BYTES"]
@@ -33,17 +32,19 @@ class EncryptedUpload:
     ciphertexts: tuple[bytes, ...]
     signature: bytes = b""
 
+    def _fields(self, w: Writer) -> Writer:
+        w.u64(self.round_id).u32(self.sender).fixed(self.context_digest, 32)
+        return w.u64(self.length).u32(len(self.ciphertexts))
+
     def statement(self) -> bytes:
-        """What the site signs."""
-        w = Writer().blob(_DOMAIN).u64(self.round_id).u32(self.sender).fixed(self.context_digest, 32)
-        w.u64(self.length).u32(len(self.ciphertexts))
+        """What the site signs: every field but the signature, each ciphertext by its hash."""
+        w = self._fields(Writer().blob(_DOMAIN))
         for ciphertext in self.ciphertexts:
             w.fixed(hashlib.sha256(ciphertext).digest(), 32)
         return w.getvalue()
 
     def encode(self) -> bytes:
-        w = Writer().fixed(_MAGIC, 4).u8(_VERSION).u64(self.round_id).u32(self.sender)
-        w.fixed(self.context_digest, 32).u64(self.length).u32(len(self.ciphertexts))
+        w = self._fields(Writer().fixed(_MAGIC, 4).u8(_VERSION))
         for ciphertext in self.ciphertexts:
             w.blob(ciphertext)
         return w.fixed(self.signature, 64).getvalue()
@@ -51,11 +52,7 @@ class EncryptedUpload:
     @classmethod
     def decode(cls, data: bytes) -> EncryptedUpload:
         r = Reader(data, what="encrypted upload")
-        if r.fixed(4, "magic") != _MAGIC:
-            raise MalformedMessageError("not a securefed encrypted upload (bad magic bytes)")
-        version = r.u8("version")
-        if version != _VERSION:
-            raise MalformedMessageError(f"encrypted upload version {version} is not supported (expected {_VERSION})")
+        r.header(_MAGIC, _VERSION, kind="encrypted upload")
         round_id, sender, digest = r.u64("round id"), r.u32("sender"), r.fixed(32, "context digest")
         length = r.u64("length")
         count = r.count("ciphertexts", item_size=4, max_count=MAX_CIPHERTEXTS)

@@ -28,7 +28,7 @@ from securefed.data import TaskKind
 from securefed.errors import ConfigError
 from securefed.privacy.model_compat import check_dp_compatible, make_dp_compatible
 
-from .config import ModelConfig, ModelName, model_problems, resolved_name
+from .config import ModelConfig, model_problems, resolved_name
 from .networks import build_network
 
 if TYPE_CHECKING:

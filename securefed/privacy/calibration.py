@@ -17,6 +17,7 @@ from collections.abc import Callable
 from ..errors import ConfigError, PrivacyError
 from .accounting import AccountantKind, _kind_problem, accountant_kind, compose_epsilon
 from .events import PoissonSampledGaussian
+from .._values import is_real
 
 __all__ = ["MAX_TARGET_EPSILON", "MIN_NOISE_MULTIPLIER", "MAX_NOISE_MULTIPLIER", "epsilon", "noise_multiplier_for"]
 
@@ -31,15 +32,12 @@ _AIM = 0.995
 _MAX_ITERATIONS = 200
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
 
 def _run_problems(*, delta: object, sample_rate: object, steps: object, accountant: object) -> list[str]:
     problems = []
-    if not (_is_number(delta) and 0 < delta < 1):
+    if not (is_real(delta) and 0 < delta < 1):
         problems.append(f"delta must be a number in (0, 1), typically below 1/(number of records), got {delta!r}")
-    if not (_is_number(sample_rate) and 0 < sample_rate <= 1):
+    if not (is_real(sample_rate) and 0 < sample_rate <= 1):
         problems.append(f"sample_rate must be in (0, 1] (expected batch size / dataset size), got {sample_rate!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         problems.append(f"steps must be an int >= 1 (number of noisy updates), got {steps!r}")
@@ -59,7 +57,7 @@ def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: f
             accountant: str = "rdp") -> float:
     """Epsilon at ``delta`` of ``steps`` Poisson-subsampled Gaussian steps (DP-SGD)."""
     problems = _run_problems(delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant)
-    if not (_is_number(noise_multiplier) and noise_multiplier > 0):
+    if not (is_real(noise_multiplier) and noise_multiplier > 0):
         problems.insert(0, f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}")
     if problems:
         raise ConfigError(problems)
@@ -161,11 +159,11 @@ def noise_multiplier_for(*, target_epsilon: float, delta: float, sample_rate: fl
                          accountant: str = "rdp") -> float:
     """The noise multiplier whose epsilon is within 1% below ``target_epsilon`` (never above)."""
     problems = _run_problems(delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant)
-    if not (_is_number(target_epsilon) and 0 < target_epsilon <= MAX_TARGET_EPSILON):
+    if not (is_real(target_epsilon) and 0 < target_epsilon <= MAX_TARGET_EPSILON):
         problems.insert(0, f"target_epsilon must be a number in (0, {MAX_TARGET_EPSILON:g}], got {target_epsilon!r}"
                         + (f": above {MAX_TARGET_EPSILON:g} the guarantee is meaningless (it allows likelihood "
                            f"ratios of e^{MAX_TARGET_EPSILON:g}); typical targets are 1 to 10"
-                           if _is_number(target_epsilon) and target_epsilon > MAX_TARGET_EPSILON else ""))
+                           if is_real(target_epsilon) and target_epsilon > MAX_TARGET_EPSILON else ""))
     if problems:
         raise ConfigError(problems)
     target, rate, delta = float(target_epsilon), float(sample_rate), float(delta)

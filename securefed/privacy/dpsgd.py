@@ -87,7 +87,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, PrivacyBudgetExceeded, PrivacyError
 from ..primitives.randomness import SeededRandom, SystemRandom
-from . import dpsgd_checks as checks
+from . import dpsgd_checks as checks, dpsgd_ledger
 from .accounting import compose_epsilon
 from .dpsgd_config import (ClippingMode, DPSGDConfig, RoundReport, TrainingPlan, plan_training, restore_rounds,
                            training_state)
@@ -178,7 +178,7 @@ class PrivateTraining:
         its charge keeps it, and the model is restored to the start of the round.
 
         ``replay_charged=True`` (resuming after a crash) reuses the ledger's charge for ``round_id``
-        (see :func:`~securefed.privacy.dpsgd_checks.replayable_charge`).
+        (see :func:`~securefed.privacy.dpsgd_ledger.replayable_charge`).
         """
         if self._hooks is None and self._clipper is None:
             raise ConfigError("this PrivateTraining was closed; it can train no more rounds")
@@ -189,9 +189,11 @@ class PrivateTraining:
             raise ConfigError(f"round {key!r} was already charged by this training; every round needs a "
                               "new round_id (a failed round keeps its charge: retry it under a new id)")
         event = self.plan.round_event()
-        replayable = replay_charged and self.ledger is not None and not self._distributed
-        entry = checks.replayable_charge(self.ledger, event, key, seeded=self._seed is not None) if replayable else None
-        entry = entry if entry is not None else self._charge(event, key)
+        entry = None
+        if replay_charged and self.ledger is not None and not self._distributed:
+            entry = dpsgd_ledger.replayable_charge(self.ledger, event, key, seeded=self._seed is not None)
+        if entry is None:
+            entry = self._charge(event, key)
         serial = f"seq={entry.seq}" if entry is not None else f"index={len(self._rounds)}"
         self._rounds.append((key, event))
         snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -210,11 +212,8 @@ class PrivateTraining:
                            mean_loss=loss_sum / seen if seen else math.nan, ledger_entry=entry)
 
     def state_dict(self) -> dict[str, Any]:
-        """This training's plan and charged rounds, as plain JSON types.
-
-        Save it after every round and pass it to :meth:`load_state_dict` after a restart so the
-        next round composes with the earlier ones. (Model and optimizer state are yours to save.)
-        """
+        """This training's plan and charged rounds, as plain JSON types: save it after every round and
+        pass it to :meth:`load_state_dict` after a restart (model and optimizer state are yours to save)."""
         return training_state(self.plan, self._rounds)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -261,7 +260,7 @@ class PrivateTraining:
         return outcome[1]
 
     def _charge_here(self, event: PoissonSampledGaussian, key: str) -> Any:
-        if self.ledger is not None and key in checks.dp_sgd_round_ids(self.ledger):
+        if self.ledger is not None and key in dpsgd_ledger.dp_sgd_round_ids(self.ledger):
             raise ConfigError(f"the ledger already holds a DP-SGD charge for round {key!r} (from this or an "
                               "earlier run); every round needs a new round_id")
         if self.plan.calibrated:
@@ -269,7 +268,7 @@ class PrivateTraining:
             # (without load_state_dict) still sees what the ledger holds.
             histories = [list(self.events)]
             if self.ledger is not None:
-                histories.append(checks.dp_sgd_events(self.ledger))
+                histories.append(dpsgd_ledger.dp_sgd_events(self.ledger))
             target = float(self.config.target_epsilon)
             after = max(compose_epsilon([*history, event], delta=self.plan.delta, accountant=self.plan.accountant)
                         for history in histories)

@@ -43,7 +43,6 @@ from torch import nn
 
 from ..errors import ConfigError, PrivacyError
 from .dpsgd_config import ClippingMode, DPSGDConfig
-from .events import PoissonSampledGaussian, PrivacyUnit
 from .fast_clipping import SUPPORTED_LAYERS, BookKeepingClipper, foreign_parameters
 from .model_compat import require_dp_compatible
 
@@ -53,7 +52,7 @@ if TYPE_CHECKING:
 __all__ = ["clear_training_state", "optimizer_problems", "optimizer_for", "optimizer_from_factory",
            "model_problems", "choose_clipping", "check_finite_parameters", "per_sample_rows", "ghost_backward",
            "check_release_bound", "check_losses_separable", "ranks_agree", "ghost_trial_problems",
-           "ledger_problems", "dp_sgd_events", "dp_sgd_round_ids"]
+           "ledger_problems"]
 
 _OPACUS_PARAM_STATE = ("_current_grad_sample", "_norm_sample")
 # Opacus' ghost clipping coefficient, min(1, C / (norm + this)), kept so the modes agree.
@@ -447,36 +446,3 @@ def ledger_problems(ledger: PrivacyLedger, config: DPSGDConfig) -> list[str]:
         problems.append(f"config.accountant={config.accountant.value!r} differs from the ledger's accountant "
                         f"{ledger.accountant.value!r}; use the same one so calibration and the ledger agree")
     return problems
-
-
-def _is_dp_sgd(event: object) -> bool:
-    return isinstance(event, PoissonSampledGaussian) and event.unit is PrivacyUnit.RECORD
-
-
-def replayable_charge(ledger: PrivacyLedger, event: PoissonSampledGaussian, key: str, *, seeded: bool) -> Any:
-    """The ledger's DP-SGD charge for round ``key`` that a replay of that round may reuse, or None.
-
-    A replay is only harmless when it reproduces the release: the same mechanism (checked here)
-    and the same randomness, which needs a seeded training (noise and sampling derive from the
-    seed and the charge's sequence number).
-    """
-    if not seeded:
-        raise ConfigError("replay_charged=True needs a seed: without one a replay would draw fresh noise "
-                          "and release a second, differently noised update under the same charge")
-    charges = [e for e in ledger.entries() if e.round_id == key and e.event is not None and _is_dp_sgd(e.event)]
-    if not charges:
-        return None
-    if len(charges) > 1 or charges[0].event != event:
-        raise PrivacyError(f"the ledger's DP-SGD charge for round {key!r} is not this round's mechanism "
-                           f"({charges[0].event} vs {event}); it cannot be replayed")
-    return charges[0]
-
-
-def dp_sgd_events(ledger: PrivacyLedger) -> list[PoissonSampledGaussian]:
-    """The record-level Poisson-sampled Gaussian events the ledger composes (DP-SGD's kind)."""
-    return [event for event in ledger.events() if _is_dp_sgd(event)]
-
-
-def dp_sgd_round_ids(ledger: PrivacyLedger) -> set[str]:
-    """Round ids the ledger has DP-SGD charges for (other mechanisms may share a federated round id)."""
-    return {entry.round_id for entry in ledger.entries() if _is_dp_sgd(entry.event)}

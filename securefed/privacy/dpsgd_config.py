@@ -19,7 +19,6 @@ rounds over a process restart. The torch side lives in :mod:`securefed.privacy.d
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from ..errors import ConfigError, PrivacyError
 from .accounting import AccountantKind, accountant_kind, compose_epsilon
 from .calibration import noise_multiplier_for
 from .events import PoissonSampledGaussian, PrivacyUnit, event_from_record
+from .._values import is_count, is_real
 
 __all__ = [
     "ClippingMode",
@@ -81,12 +81,6 @@ def clipping_mode(value: str | ClippingMode) -> ClippingMode:
     raise ConfigError(f"clipping must be one of {known} (or a ClippingMode), got {value!r}")
 
 
-def _is_real(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _is_count(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,21 +119,21 @@ class DPSGDConfig:
         if self.max_grad_norm is None:
             problems.append("set max_grad_norm, the per-example L2 clipping bound (e.g. 1.0): "
                             "without it no gradient has bounded sensitivity")
-        elif not _is_real(self.max_grad_norm) or self.max_grad_norm <= 0:
+        elif not is_real(self.max_grad_norm) or self.max_grad_norm <= 0:
             problems.append(f"max_grad_norm must be a finite number > 0, got {self.max_grad_norm!r}")
         if self.delta is None:
             problems.append("set delta, the target failure probability (well below 1/dataset size, "
                             "e.g. 1e-5 for up to ~10^4 records)")
-        elif not _is_real(self.delta) or not 0 < self.delta < 1:
+        elif not is_real(self.delta) or not 0 < self.delta < 1:
             problems.append(f"delta must be a number in (0, 1), got {self.delta!r}")
         if self.batch_size is None:
             problems.append("set batch_size, the expected logical batch size "
                             "(Poisson sample rate = batch_size / dataset size)")
-        elif not _is_count(self.batch_size):
+        elif not is_count(self.batch_size):
             problems.append(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         self._check_noise(problems)
         self._check_round_length(problems)
-        if self.max_physical_batch_size is not None and not _is_count(self.max_physical_batch_size):
+        if self.max_physical_batch_size is not None and not is_count(self.max_physical_batch_size):
             problems.append("max_physical_batch_size must be None or an int >= 1, "
                             f"got {self.max_physical_batch_size!r}")
         self._normalise_modes(problems)
@@ -153,19 +147,19 @@ class DPSGDConfig:
         elif self.target_epsilon is not None and self.noise_multiplier is not None:
             problems.append("set only one of target_epsilon or noise_multiplier, not both: "
                             "the noise either is calibrated or is given")
-        if self.target_epsilon is not None and (not _is_real(self.target_epsilon) or self.target_epsilon <= 0):
+        if self.target_epsilon is not None and (not is_real(self.target_epsilon) or self.target_epsilon <= 0):
             problems.append(f"target_epsilon must be a finite number > 0, got {self.target_epsilon!r}")
-        if self.noise_multiplier is not None and (not _is_real(self.noise_multiplier) or self.noise_multiplier <= 0):
+        if self.noise_multiplier is not None and (not is_real(self.noise_multiplier) or self.noise_multiplier <= 0):
             problems.append(f"noise_multiplier must be a finite number > 0, got {self.noise_multiplier!r}")
-        if not _is_count(self.planned_rounds):
+        if not is_count(self.planned_rounds):
             problems.append(f"planned_rounds must be an int >= 1, got {self.planned_rounds!r}")
 
     def _check_round_length(self, problems: list[str]) -> None:
         if self.epochs_per_round is not None and self.steps_per_round is not None:
             problems.append("set at most one of epochs_per_round or steps_per_round")
-        if self.epochs_per_round is not None and (not _is_real(self.epochs_per_round) or self.epochs_per_round <= 0):
+        if self.epochs_per_round is not None and (not is_real(self.epochs_per_round) or self.epochs_per_round <= 0):
             problems.append(f"epochs_per_round must be a finite number > 0, got {self.epochs_per_round!r}")
-        if self.steps_per_round is not None and not _is_count(self.steps_per_round):
+        if self.steps_per_round is not None and not is_count(self.steps_per_round):
             problems.append(f"steps_per_round must be an int >= 1, got {self.steps_per_round!r}")
 
     def _normalise_modes(self, problems: list[str]) -> None:
@@ -224,7 +218,7 @@ def plan_training(config: DPSGDConfig, *, dataset_size: int) -> TrainingPlan:
     if not isinstance(config, DPSGDConfig):
         raise ConfigError(f"config must be a DPSGDConfig, got {type(config).__name__}")
     n = dataset_size
-    if not _is_count(n):
+    if not is_count(n):
         raise ConfigError(f"the dataset must hold at least one record, got size {n!r}")
     problems = []
     if config.batch_size > n:

@@ -61,7 +61,7 @@ from securefed.secagg.messages import (
 from securefed.secagg.modular import ModularInput
 from securefed.secagg.stages import Stage
 
-__all__ = ["SecAggClient", "ClientState", "encode_input"]
+__all__ = ["SecAggClient", "ClientState", "encode_input", "round_config_problems"]
 
 
 class ClientState(enum.Enum):
@@ -99,6 +99,23 @@ def encode_input(config: RoundConfig, vector: np.ndarray | ModularInput, weight:
         values[:-1] = config.value_codec().encode(scaled, rng)
     values[-1:] = config.weight_codec().encode(np.array([weight], dtype=np.float64), rng)
     return values
+
+
+def round_config_problems(config: RoundConfig, *, roster: Roster, site_id: int,
+                          policy: SecAggConfig | None) -> list[str]:
+    """Why site ``site_id`` must refuse ``config`` (besides replay and its own input): unsafe
+    parameters, another roster, not a participant, weaker than the agreed ``policy``."""
+    problems = config.problems()
+    if config.roster_digest != roster.digest():
+        problems.append("the round is for a different federation roster")
+    if site_id not in config.participants:
+        problems.append("this site is not a participant of the round")
+    if policy is not None and not problems:
+        problems.extend(weaker_than(config, policy))
+    outside = [p for p in config.participants if p >= len(roster)]
+    if outside:
+        problems.append(f"participants {outside[:5]} are not in the roster of {len(roster)} sites")
+    return problems
 
 
 class SecAggClient:
@@ -219,16 +236,7 @@ class SecAggClient:
         config = message.config
         if self._previous_round is not None and config.round_id <= self._previous_round:
             self._fail(f"round {config.round_id} is not newer than round {self._previous_round} (replay)")
-        problems = config.problems()
-        if config.roster_digest != self.roster.digest():
-            problems.append("the round is for a different federation roster")
-        if self.site_id not in config.participants:
-            problems.append("this site is not a participant of the round")
-        if self._policy is not None and not problems:
-            problems.extend(weaker_than(config, self._policy))
-        outside = [p for p in config.participants if p >= len(self._identities)]
-        if outside:
-            problems.append(f"participants {outside[:5]} are not in the roster of {len(self._identities)} sites")
+        problems = round_config_problems(config, roster=self.roster, site_id=self.site_id, policy=self._policy)
         if self._vector is not None and np.shape(self._vector) != (config.vector_length,):
             problems.append(f"input has shape {np.shape(self._vector)}, the round expects ({config.vector_length},)")
         if isinstance(self._vector, ModularInput):

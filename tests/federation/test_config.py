@@ -107,7 +107,7 @@ def test_wrong_types_name_key_expected_and_given(mapping: dict, expected: str) -
 ])
 def test_bad_enum_value_lists_the_allowed_values(mapping: dict, allowed: list[str]) -> None:
     problem = one_problem(mapping)
-    section, (key, value) = next(iter(mapping.items())), next(iter(next(iter(mapping.values())).items()))
+    key, value = next(iter(next(iter(mapping.values())).items()))
     assert repr(value) in problem and key in problem, problem
     for choice in allowed:
         assert choice in problem, problem
