@@ -46,8 +46,8 @@ from securefed.federation.site_level import SITE_DP_NOTE, SiteLevelDP, rotation_
 from securefed.federation.workspace import SiteWorkspace
 from securefed.primitives.keys import Roster, SiteIdentity
 from securefed.primitives.randomness import RandomSource, SeededRandom
-from securefed.secagg.client import SecAggClient, round_config_problems
-from securefed.secagg.config import RoundConfig, SecAggConfig
+from securefed.secagg.client import SecAggClient
+from securefed.secagg.config import RoundConfig, SecAggConfig, round_config_problems
 from securefed.secagg.messages import MaskedInput, RoundSetup, UnmaskShares, decode_message
 from securefed.secagg.modular import ModularInput
 

@@ -29,7 +29,7 @@ from securefed.primitives.prg import MaskAccumulator
 from securefed.primitives.randomness import RandomSource
 from securefed.primitives.shamir import share_secrets
 from securefed.secagg.certification import Certificates
-from securefed.secagg.config import RoundConfig, SecAggConfig, weaker_than
+from securefed.secagg.config import RoundConfig, SecAggConfig, round_config_problems
 from securefed.secagg.graph import NeighbourGraph
 from securefed.secagg.masking import (
     attestation_key,
@@ -61,7 +61,7 @@ from securefed.secagg.messages import (
 from securefed.secagg.modular import ModularInput
 from securefed.secagg.stages import Stage
 
-__all__ = ["SecAggClient", "ClientState", "encode_input", "round_config_problems"]
+__all__ = ["SecAggClient", "ClientState", "encode_input"]
 
 
 class ClientState(enum.Enum):
@@ -99,23 +99,6 @@ def encode_input(config: RoundConfig, vector: np.ndarray | ModularInput, weight:
         values[:-1] = config.value_codec().encode(scaled, rng)
     values[-1:] = config.weight_codec().encode(np.array([weight], dtype=np.float64), rng)
     return values
-
-
-def round_config_problems(config: RoundConfig, *, roster: Roster, site_id: int,
-                          policy: SecAggConfig | None) -> list[str]:
-    """Why site ``site_id`` must refuse ``config`` (besides replay and its own input): unsafe
-    parameters, another roster, not a participant, weaker than the agreed ``policy``."""
-    problems = config.problems()
-    if config.roster_digest != roster.digest():
-        problems.append("the round is for a different federation roster")
-    if site_id not in config.participants:
-        problems.append("this site is not a participant of the round")
-    if policy is not None and not problems:
-        problems.extend(weaker_than(config, policy))
-    outside = [p for p in config.participants if p >= len(roster)]
-    if outside:
-        problems.append(f"participants {outside[:5]} are not in the roster of {len(roster)} sites")
-    return problems
 
 
 class SecAggClient:

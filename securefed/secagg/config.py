@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from securefed.errors import ConfigError, MalformedMessageError
 from securefed.primitives.quantize import FixedPointCodec
@@ -25,7 +26,10 @@ from securefed.secagg.params import (
 )
 from securefed.serialization import Reader, Writer
 
-__all__ = ["SecAggConfig", "RoundConfig", "PROTOCOL_VERSION", "weaker_than"]
+if TYPE_CHECKING:
+    from securefed.primitives.roster import Roster
+
+__all__ = ["SecAggConfig", "RoundConfig", "PROTOCOL_VERSION", "weaker_than", "round_config_problems"]
 
 PROTOCOL_VERSION = 1
 MAX_VECTOR_LENGTH = 1 << 31
@@ -317,4 +321,21 @@ def weaker_than(config: RoundConfig, policy: SecAggConfig) -> list[str]:
         problems.append("bit width or clip differs from the agreed settings")
     if config.max_weight != policy.max_weight:
         problems.append("max_weight differs from the agreed setting")
+    return problems
+
+
+def round_config_problems(config: RoundConfig, *, roster: Roster, site_id: int,
+                          policy: SecAggConfig | None) -> list[str]:
+    """Why site ``site_id`` must refuse ``config`` (besides replay and its own input): unsafe
+    parameters, another roster, not a participant, weaker than the agreed ``policy``."""
+    problems = config.problems()
+    if config.roster_digest != roster.digest():
+        problems.append("the round is for a different federation roster")
+    if site_id not in config.participants:
+        problems.append("this site is not a participant of the round")
+    if policy is not None and not problems:
+        problems.extend(weaker_than(config, policy))
+    outside = [p for p in config.participants if p >= len(roster)]
+    if outside:
+        problems.append(f"participants {outside[:5]} are not in the roster of {len(roster)} sites")
     return problems
