@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from securefed.errors import ConfigError, ProtocolAbort, SecurefedError
+from securefed.cli_he import add_he_commands
 from securefed.cli_init import add_init_command
 from securefed.cli_keys import add_keys_commands
 from securefed.cli_ledger import add_ledger_commands
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ledger_commands(sub)
     add_init_command(sub)
     add_keys_commands(sub)
+    add_he_commands(sub)
     return parser
 
 
