@@ -39,6 +39,7 @@ from securefed.federation.config_sections import (
     MAX_SITES,
     Aggregation,
     EvaluationSettings,
+    HESettings,
     PrivacySettings,
     RunSettings,
     SecAggSettings,
@@ -52,6 +53,7 @@ from securefed.federation.training_settings import Optimizer, TrainingSettings
 from securefed.models import ModelConfig
 
 if TYPE_CHECKING:
+    from securefed.he import HEConfig
     from securefed.secagg import SecAggConfig
 
 __all__ = [
@@ -64,6 +66,7 @@ __all__ = [
     "PrivacySettings",
     "SiteDPSettings",
     "EvaluationSettings",
+    "HESettings",
     "FederationConfig",
     "DEFAULT_SITES",
     "numbered_sites",
@@ -102,7 +105,7 @@ def _site_list_problems(sites: tuple[SiteSpec, ...]) -> list[str]:
 _SECTION_CLASSES: dict[str, type] = {
     "federation": RunSettings, "secagg": SecAggSettings, "data": DataConfig, "model": ModelConfig,
     "training": TrainingSettings, "privacy": PrivacySettings, "site_dp": SiteDPSettings,
-    "evaluation": EvaluationSettings,
+    "evaluation": EvaluationSettings, "he": HESettings,
 }
 
 
@@ -131,6 +134,7 @@ class FederationConfig:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     site_dp: SiteDPSettings = field(default_factory=SiteDPSettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    he: HESettings = field(default_factory=HESettings)
 
     def __post_init__(self) -> None:
         sites = tuple(SiteSpec(name=s) if isinstance(s, str) else s for s in self.sites)
@@ -192,6 +196,18 @@ class FederationConfig:
     def secagg_config(self) -> SecAggConfig:
         """The secure-aggregation settings (each site's update weighs 1.0)."""
         return self.secagg.to_secagg_config()
+
+    def he_config(self) -> HEConfig:
+        """The CKKS settings of ``aggregation = "he"``, for sums of up to a whole round's sites
+        (with site-level DP: for exact sums of its noised ring elements)."""
+        config = self.he.he_config(max_sites=self.cohort_size())
+        return config.for_integers(self.secagg.bit_width) if self.site_dp.enabled else config
+
+    def site_dp_threshold(self) -> int:
+        """The fewest sites whose noise a released sum carries: site-level DP's worst case."""
+        if self.federation.aggregation is Aggregation.HE:
+            return self.he.min_sites
+        return self.secagg_config().resolve(self.cohort_size())[1]
 
 
 def default_config() -> FederationConfig:

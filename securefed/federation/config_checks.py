@@ -66,6 +66,24 @@ def _secagg_problems(config: FederationConfig) -> list[str]:
     return []
 
 
+def _he_problems(config: FederationConfig) -> list[str]:
+    if config.federation.aggregation is not Aggregation.HE:
+        return []
+    problems = []
+    n, he = config.cohort_size(), config.he
+    if n < he.min_sites:
+        problems.append(f"[he] min_sites = {he.min_sites} is more than the {n} sites in each round; lower "
+                        "min_sites or raise sites_per_round (0 for every site)")
+    if he.dealer and he.dealer not in config.site_names():
+        problems.append(f"[he] dealer = {he.dealer!r} is not one of the sites ({', '.join(config.site_names()[:5])}"
+                        f"{', ...' if len(config.sites) > 5 else ''}); name a site, or \"\" for the first")
+    try:  # the sum of a whole round must fit the ciphertext modulus
+        config.he_config()
+    except ConfigError as error:
+        problems.extend(f"[he] with {n} sites per round: {p}" for p in error.problems)
+    return problems
+
+
 def _privacy_problems(config: FederationConfig) -> list[str]:
     # DP-SGD is calibrated to spend target_epsilon over the run; a smaller ledger budget would
     # stop such a site before the last round.
@@ -93,9 +111,9 @@ def _site_dp_problems(config: FederationConfig) -> list[str]:
     if not config.site_dp.enabled:
         return []
     problems = []
-    if config.federation.aggregation is not Aggregation.SECAGG:
-        problems.append(f"[site_dp] mode = \"distributed\" needs aggregation = \"secagg\" (each site's share of "
-                        f"the noise is too small to be seen on its own), got \"{config.federation.aggregation.value}\"")
+    if config.federation.aggregation is Aggregation.PLAIN:
+        problems.append("[site_dp] mode = \"distributed\" needs aggregation = \"secagg\" or \"he\" (each site's "
+                        "share of the noise is too small to be seen on its own), got \"plain\"")
     if not config.privacy.enabled:
         problems.append("[site_dp] mode = \"distributed\" needs [privacy] enabled = true: the sites' ledgers "
                         "and their budgets are set there")
@@ -114,6 +132,7 @@ def validate(config: FederationConfig) -> None:
     problems = prefixed("[data]", data_problems(config.data, sites=config.site_names()))
     problems += _model_problems(config)
     problems += _secagg_problems(config)
+    problems += _he_problems(config)
     problems += _privacy_problems(config)
     problems += _site_dp_problems(config)
     if problems:

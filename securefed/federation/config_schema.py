@@ -132,6 +132,14 @@ SECTIONS: dict[str, dict[str, Key]] = {
     "evaluation": {
         "every": Key("int"),
     },
+    "he": {
+        "poly_modulus_degree": Key("int"),
+        "coeff_mod_bit_sizes": Key("ints"),
+        "scale_bits": Key("int"),
+        "clip": Key("float"),
+        "min_sites": Key("int"),
+        "dealer": Key("str"),
+    },
 }
 
 # A site's own settings: its name, budget, and overrides of the [training] and [privacy] keys.

@@ -17,6 +17,7 @@ from securefed.federation.training_settings import TrainingSettings
 from securefed._values import is_int, is_real
 
 if TYPE_CHECKING:
+    from securefed.he import HEConfig
     from securefed.privacy import AccountantKind, ClippingMode, DPSGDConfig, PrivacyBudget
     from securefed.secagg import SecAggConfig
 
@@ -29,9 +30,9 @@ __all__ = [
     "SiteDPMode",
     "SiteDPSettings",
     "EvaluationSettings",
+    "HESettings",
     "DEFAULT_SITES",
     "MAX_SITES",
-    "HE_UNAVAILABLE",
     "numbered_sites",
     "site_name_problems",
 ]
@@ -40,8 +41,6 @@ DEFAULT_SITES = 4
 MAX_SITES = 10_000  # a simulation bound: every site is a process-local object (or a worker's)
 MAX_SITE_NAME = 64
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-HE_UNAVAILABLE = ('aggregation = "he" (homomorphic encryption) is not available in this release; '
-                  'use "secagg" (or "plain" for a non-private baseline)')
 
 
 class Aggregation(Enum):
@@ -111,8 +110,6 @@ class RunSettings:
     def __post_init__(self) -> None:
         problems: list[str] = []
         object.__setattr__(self, "aggregation", _enum(Aggregation, "aggregation", self.aggregation, problems))
-        if self.aggregation is Aggregation.HE:
-            problems.append(HE_UNAVAILABLE)
         _int_at_least("rounds", self.rounds, 1, problems)
         _int_at_least("seed", self.seed, 0, problems)
         _int_at_least("sites_per_round", self.sites_per_round, 0, problems, " (0 = every site)")
@@ -318,3 +315,51 @@ class EvaluationSettings:
         _int_at_least("every", self.every, 1, problems)
         if problems:
             raise ConfigError(problems)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HESettings:
+    """The ``[he]`` section: CKKS parameters of ``aggregation = "he"`` and who deals the key.
+
+    The defaults (ring 4096, primes 60 + 49 bits, scale 2^50) are the largest modulus the HE
+    standard allows at 128-bit security for that ring; ``securefed.he.HEConfig`` checks a
+    choice for security and for overflow of the sum. Each value of a site's update is clipped
+    to ``[-clip, clip]`` before it is encrypted. A round's sum is released only if at least
+    ``min_sites`` sites are in it: every site holds the key, so a "sum" of one site would show
+    that site's update to the others. ``dealer`` names the site that makes the key ("" = the
+    first site).
+    """
+
+    poly_modulus_degree: int = 4096
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 49)
+    scale_bits: int = 50
+    clip: float = 1.0
+    min_sites: int = 2
+    dealer: str = ""
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        object.__setattr__(self, "coeff_mod_bit_sizes", tuple(self.coeff_mod_bit_sizes)
+                           if isinstance(self.coeff_mod_bit_sizes, list | tuple) else self.coeff_mod_bit_sizes)
+        _int_at_least("min_sites", self.min_sites, 2, problems,
+                      " (a sum of one site would show its update to the other key holders)")
+        if not isinstance(self.dealer, str):
+            problems.append(f"dealer must be a site name or \"\" (the first site), got {self.dealer!r}")
+        _as_float(self, "clip")
+        try:
+            self.he_config(max_sites=1)
+        except ConfigError as error:
+            problems.extend(error.problems)
+        if problems:
+            raise ConfigError(problems)
+
+    def he_config(self, *, max_sites: int) -> HEConfig:
+        """The CKKS settings for sums of up to ``max_sites`` sites (each update weighs 1)."""
+        from securefed.he.config import HEConfig
+
+        return HEConfig(poly_modulus_degree=self.poly_modulus_degree, coeff_mod_bit_sizes=self.coeff_mod_bit_sizes,
+                        scale_bits=self.scale_bits, clip=self.clip, max_weight=1.0, max_sites=max_sites)
+
+    def dealer_of(self, site_names: list[str]) -> str:
+        """The key dealer's name among ``site_names``."""
+        return self.dealer or site_names[0]

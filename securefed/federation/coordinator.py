@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -47,13 +48,14 @@ class RoundOutcome:
     refusals: dict[str, str] = field(default_factory=dict)  # site -> its stated reason
     rejected: dict[str, str] = field(default_factory=dict)  # site -> why the coordinator dropped its message
     failure: str | None = None  # why the round produced no update
+    encrypted: Any = None  # under "he": the EncryptedAggregate the sites decrypt (the mean is theirs)
 
 
 class Coordinator:
     def __init__(self, *, roster: Roster, transport: Transport, aggregation: str, policy: SecAggConfig,
                  site_dp: SiteLevelDP | None = None) -> None:
-        if aggregation not in ("secagg", "plain"):
-            raise ConfigError(f"aggregation {aggregation!r} is not available here; use 'secagg' or 'plain'")
+        if aggregation not in ("secagg", "plain", "he"):  # "he" rounds are run by HECoordinator
+            raise ConfigError(f"aggregation {aggregation!r} is not available here; use 'secagg', 'plain' or 'he'")
         self.roster = roster
         self.transport = transport
         self.aggregation = aggregation

@@ -5,7 +5,10 @@ format (no pickle). The coordinator sends :class:`RoundStart` (the global model 
 aggregation, the protocol's setup message), relays protocol messages in :class:`ProtocolRelay`,
 and announces each new global model in :class:`ModelRelease`. A site answers with a relay, a
 :class:`PlainUpdate` (the non-private baseline only), a :class:`SiteRefusal` or an
-:class:`Acknowledgement`. Nothing else ever reaches the coordinator.
+:class:`Acknowledgement`. Under homomorphic encryption the coordinator also asks the key dealer
+for the sealed CKKS key (:class:`KeyRequest`, answered by :class:`KeyDeal`), hands each site its
+sealed copy (:class:`KeyDelivery`), relays encrypted uploads and sends the encrypted sum back to
+every site (:class:`EncryptedAggregate`). Nothing else ever reaches the coordinator.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from securefed.serialization import Reader, Writer
 
 __all__ = [
     "Acknowledgement",
+    "EncryptedAggregate",
     "FederationMessage",
+    "KeyDeal",
+    "KeyDelivery",
+    "KeyRequest",
     "ModelRelease",
     "PlainUpdate",
     "ProtocolRelay",
@@ -35,6 +42,9 @@ __all__ = [
 _MAGIC = b"SFFD"
 WIRE_VERSION = 1
 MAX_TEXT = 4096
+MAX_SITES = 1 << 16
+MAX_HE_CIPHERTEXTS = 1 << 16
+MAX_HE_BLOB = 1 << 24  # one ciphertext, one sealed context or one public context
 _RELAY_PAD = 6  # header (6) + round (8) + pad (6) + length (4) = 24: the payload is 8-byte aligned
 AGGREGATION_CODES = {"plain": 0, "secagg": 1, "he": 2}
 
@@ -179,8 +189,97 @@ class Acknowledgement:
         return cls(r.u32("round"))
 
 
-FederationMessage = RoundStart | ProtocolRelay | PlainUpdate | SiteRefusal | ModelRelease | Acknowledgement
-_BY_KIND = {cls.KIND: cls for cls in (RoundStart, ProtocolRelay, PlainUpdate, SiteRefusal, ModelRelease, Acknowledgement)}
+@dataclass(frozen=True, eq=False)
+class KeyRequest:
+    """Coordinator -> the key dealer: make this run's CKKS key and seal it to every site."""
+
+    KIND = 7
+    run_id: bytes
+
+    def encode(self) -> bytes:
+        return _header(self.KIND).blob(self.run_id).getvalue()
+
+    @classmethod
+    def _decode(cls, r: Reader) -> KeyRequest:
+        return cls(r.blob("run id", max_size=64))
+
+
+@dataclass(frozen=True, eq=False)
+class KeyDeal:
+    """The key dealer -> coordinator: the public context (no secret key) and each site's sealed
+    copy of the secret context, signed by the dealer (:class:`securefed.he.SealedContext` bytes)."""
+
+    KIND = 8
+    public_context: bytes
+    deliveries: dict[str, bytes]
+
+    def encode(self) -> bytes:
+        w = _header(self.KIND).blob(self.public_context).u32(len(self.deliveries))
+        for site, sealed in sorted(self.deliveries.items()):
+            _text(w, site).blob(sealed)
+        return w.getvalue()
+
+    @classmethod
+    def _decode(cls, r: Reader) -> KeyDeal:
+        public = r.blob("public context", max_size=MAX_HE_BLOB)
+        count = r.count("deliveries", item_size=8, max_count=MAX_SITES)
+        deliveries = {}
+        for _ in range(count):
+            site = _read_text(r, "site")
+            deliveries[site] = r.blob("sealed context", max_size=MAX_HE_BLOB)
+        return cls(public, deliveries)
+
+
+@dataclass(frozen=True, eq=False)
+class KeyDelivery:
+    """Coordinator -> site: its sealed copy of the run's secret context, and the public context."""
+
+    KIND = 9
+    run_id: bytes
+    public_context: bytes
+    sealed: bytes
+
+    def encode(self) -> bytes:
+        return _header(self.KIND).blob(self.run_id).blob(self.public_context).blob(self.sealed).getvalue()
+
+    @classmethod
+    def _decode(cls, r: Reader) -> KeyDelivery:
+        return cls(r.blob("run id", max_size=64), r.blob("public context", max_size=MAX_HE_BLOB),
+                   r.blob("sealed context", max_size=MAX_HE_BLOB))
+
+
+@dataclass(frozen=True, eq=False)
+class EncryptedAggregate:
+    """Coordinator -> every site: the encrypted sum of round ``round``, which started from the
+    model after ``model_round``, and the roster indices of the sites in it. Only sites can
+    decrypt it; each applies it to the model it holds."""
+
+    KIND = 10
+    round: int
+    model_round: int
+    survivors: tuple[int, ...]
+    ciphertexts: tuple[bytes, ...]
+
+    def encode(self) -> bytes:
+        w = _header(self.KIND).u32(self.round).u32(self.model_round).u32_list(list(self.survivors))
+        w.u32(len(self.ciphertexts))
+        for ciphertext in self.ciphertexts:
+            w.blob(ciphertext)
+        return w.getvalue()
+
+    @classmethod
+    def _decode(cls, r: Reader) -> EncryptedAggregate:
+        round_, model_round = r.u32("round"), r.u32("model round")
+        survivors = r.u32_list("survivors", max_count=MAX_SITES)
+        count = r.count("ciphertexts", item_size=4, max_count=MAX_HE_CIPHERTEXTS)
+        return cls(round_, model_round, survivors,
+                   tuple(r.blob("ciphertext", max_size=MAX_HE_BLOB) for _ in range(count)))
+
+
+FederationMessage = (RoundStart | ProtocolRelay | PlainUpdate | SiteRefusal | ModelRelease | Acknowledgement
+                     | KeyRequest | KeyDeal | KeyDelivery | EncryptedAggregate)
+_BY_KIND = {cls.KIND: cls for cls in (RoundStart, ProtocolRelay, PlainUpdate, SiteRefusal, ModelRelease, Acknowledgement,
+                                      KeyRequest, KeyDeal, KeyDelivery, EncryptedAggregate)}
 
 
 def decode_federation_message(data: bytes) -> FederationMessage:
@@ -211,6 +310,8 @@ def message_kind(data: bytes) -> str:
         return "malformed"
     if cls is ProtocolRelay:
         inner = view[6 + 8 + _RELAY_PAD + 4:]  # after the header, the round, the padding and the length
+        if inner[:4] == b"SFHE":
+            return "ProtocolRelay/EncryptedUpload"
         from securefed.secagg.messages import message_kind_name
 
         return f"ProtocolRelay/{message_kind_name(inner)}"

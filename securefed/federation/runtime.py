@@ -57,6 +57,7 @@ class Federation:
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._resuming = False
+        self._he: Any = None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], *, run_dir: str | os.PathLike[str] | None = None) -> Federation:
@@ -108,6 +109,9 @@ class Federation:
                                   policy=config.secagg_config(), site_dp=SiteLevelDP.from_config(config))
         started = time.perf_counter()
         try:
+            self._he = None
+            if config.federation.aggregation.value == "he":
+                state = self._start_he(coordinator, run_dir, roster, names, evaluator, state)
             state = self._evaluate_pending(run_dir, evaluator, task, state)
             for round_ in range(state.completed_rounds + 1, config.federation.rounds + 1):
                 record, model = self._round(coordinator, recorder, task, state, round_, attempt, names)
@@ -121,7 +125,8 @@ class Federation:
                     bar.advance(record)
                 if on_round is not None:
                     on_round(record)
-            coordinator.release(round_=state.completed_rounds, model=state.model, sites=names)
+            if self._he is None:  # under "he" the sites hold the model already
+                coordinator.release(round_=state.completed_rounds, model=state.model, sites=names)
             if bar is not None and state.history:
                 bar.status(RoundRecord.from_dict(state.history[-1]).status_line())
         finally:
@@ -152,17 +157,54 @@ class Federation:
         cohort = _cohort(names, config.federation.sites_per_round, seed, round_)
         before = recorder.transcript.bytes_received
         tick = time.perf_counter()
-        outcome: RoundOutcome = coordinator.run_round(
-            round_=round_, protocol_round=round_ * MAX_ATTEMPTS + attempt, cohort=cohort, model=state.model,
-            graph_seed=federation_random(seed).fork(f"graph/{round_}/{attempt}").random_bytes(32))
+        protocol_round = round_ * MAX_ATTEMPTS + attempt
+        behind: dict[str, str] = {}
+        if self._he is not None:
+            behind = self._he.catch_up(state.history)
+            outcome: RoundOutcome = self._he.run_round(round_=round_, protocol_round=protocol_round, cohort=cohort,
+                                                       history=state.history, model_size=state.model.size)
+        else:
+            outcome = coordinator.run_round(
+                round_=round_, protocol_round=protocol_round, cohort=cohort, model=state.model,
+                graph_seed=federation_random(seed).fork(f"graph/{round_}/{attempt}").random_bytes(32))
         model = state.model
         if outcome.mean_update is not None:
             model = (state.model + outcome.mean_update).astype(np.float32)
         record = RoundRecord(round=round_, metrics=None, cohort=outcome.cohort, survivors=outcome.survivors,
-                             refusals=outcome.refusals, rejected=outcome.rejected, failure=outcome.failure,
+                             refusals={**behind, **outcome.refusals}, rejected=outcome.rejected, failure=outcome.failure,
                              seconds=time.perf_counter() - tick,
                              bytes_received=recorder.transcript.bytes_received - before)
+        if outcome.encrypted is not None:
+            self._he.keep(record.to_dict(), outcome.encrypted)  # type: ignore[union-attr]
+            return self._apply_he(record.to_dict(), outcome.encrypted, state.model)
         return record, model
+
+    # ------------------------------------------------------------------ homomorphic encryption
+    def _start_he(self, coordinator: Coordinator, run_dir: Path, roster: Roster, names: list[str],
+                  evaluator: Any, state: RunState) -> RunState:
+        """Keys to every site, the public initial model, and the end of a round cut short."""
+        from securefed.federation.runtime_he import HERun
+
+        self._he = HERun(config=self.config, run_dir=run_dir, transport=coordinator.transport, roster=roster,
+                         names=names)
+        self._he.start(coordinator, evaluator.initial_vector())
+        pending = self._he.pending(state.completed_rounds)
+        if pending is None:
+            return state
+        record, model = self._apply_he(*pending, state.model)
+        state = RunState(record.round, model, [*state.history, record.to_dict()])
+        save_checkpoint(run_dir, state)
+        return state
+
+    def _apply_he(self, record: dict[str, Any], aggregate: Any, previous: np.ndarray) -> tuple[RoundRecord, np.ndarray]:
+        """Send a round's encrypted sum to the sites; the model is then a site's decrypted copy."""
+        model, problems = self._he.release(aggregate)  # type: ignore[union-attr]
+        if model is None:
+            record = {**record, "failure": "no site could apply the encrypted sum: "
+                                           + "; ".join(f"{s}: {p}" for s, p in sorted(problems.items()))}
+            return RoundRecord.from_dict(record), previous
+        refusals = {**{s: f"did not acknowledge the sum: {p}" for s, p in problems.items()}, **record["refusals"]}
+        return RoundRecord.from_dict({**record, "refusals": refusals}), model
 
     # ------------------------------------------------------------------ before any training
     def _preflight(self, task: Any) -> Any:
@@ -178,7 +220,7 @@ class Federation:
             cohort = config.cohort_size()
             try:
                 encoder = site_dp.encoder(dimension=evaluator.parameter_count, cohort=cohort,
-                                          threshold=config.secagg_config().resolve(cohort)[1])
+                                          threshold=config.site_dp_threshold())
                 site_event = encoder.event(sites=encoder.config.min_sites)
             except ConfigError as exc:
                 problems.extend(f"[site_dp] {p}" for p in exc.problems)
@@ -288,6 +330,8 @@ _STAGES = {
     "ProtocolRelay/ShareDelivery": "secure aggregation: masking updates",
     "ProtocolRelay/SurvivorList": "secure aggregation: consistency check",
     "ProtocolRelay/UnmaskRequest": "secure aggregation: unmasking", "ModelRelease": "sites evaluating the model",
+    "KeyRequest": "HE: the dealer makes the key", "KeyDelivery": "HE: sites receive their sealed keys",
+    "EncryptedAggregate": "HE: sites decrypt the sum",
 }
 
 

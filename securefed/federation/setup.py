@@ -83,7 +83,14 @@ def build_site(recipe: SiteRecipe, task: Any, roster: Roster) -> FederationSite:
         return LocalTrainer(model=model, spec=task.spec, train=data.train, settings=training, dp=dp,
                             ledger=ledger, seed=trainer_seed(secret))
 
+    he = None
+    if config.federation.aggregation.value == "he":
+        from securefed.federation.site_he import SiteHE
+
+        he = SiteHE(identity=identity, roster=roster, workspace=workspace, config=config.he_config(),
+                    min_sites=config.he.min_sites, dealer=config.he.dealer_of(config.site_names()),
+                    site_dp=SiteLevelDP.from_config(config), cohort=config.cohort_size())
     return FederationSite(identity=identity, roster=roster, aggregation=config.federation.aggregation.value,
                           policy=config.secagg_config(), workspace=workspace, learner=learner,
                           validation=data.val, rng=SeededRandom(secret), ledger=ledger,
-                          site_dp=SiteLevelDP.from_config(config))
+                          site_dp=SiteLevelDP.from_config(config), he=he)

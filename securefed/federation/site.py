@@ -20,6 +20,10 @@ allows (only ``threshold`` sites' noise in the sum) before training, and lowers 
 survivors actually summed once their list is certified by the unmask stage (complete graph only;
 on a sparse graph it cannot check every survivor, so the worst case stands).
 
+Under homomorphic encryption (``he``, :mod:`securefed.federation.site_he`) the site holds the
+global model itself: it trains from its own copy, sends its update encrypted under the run's CKKS
+key and signed, and decrypts each round's sum into its copy.
+
 A failure of local training is a refusal of that round, not a crash of the federation.
 Everything the site must remember is in its :class:`~securefed.federation.workspace.SiteWorkspace`.
 """
@@ -34,6 +38,9 @@ import numpy as np
 from securefed.errors import PrivacyBudgetExceeded, ProtocolAbort, ProtocolError, SecurefedError
 from securefed.federation.messages import (
     Acknowledgement,
+    EncryptedAggregate,
+    KeyDelivery,
+    KeyRequest,
     ModelRelease,
     PlainUpdate,
     ProtocolRelay,
@@ -42,6 +49,7 @@ from securefed.federation.messages import (
     decode_federation_message,
     model_digest,
 )
+from securefed.federation.site_he import SiteHE
 from securefed.federation.site_level import SITE_DP_NOTE, SiteLevelDP, rotation_seed
 from securefed.federation.workspace import SiteWorkspace
 from securefed.primitives.keys import Roster, SiteIdentity
@@ -49,6 +57,7 @@ from securefed.primitives.randomness import RandomSource, SeededRandom
 from securefed.secagg.client import SecAggClient
 from securefed.secagg.config import RoundConfig, SecAggConfig, round_config_problems
 from securefed.secagg.messages import MaskedInput, RoundSetup, UnmaskShares, decode_message
+from securefed.he.messages import HERoundSetup
 from securefed.secagg.modular import ModularInput
 
 __all__ = ["FederationSite", "LocalLearner", "training_round_id"]
@@ -72,7 +81,8 @@ def training_round_id(round_: int) -> str:
 class FederationSite:
     def __init__(self, *, identity: SiteIdentity, roster: Roster, aggregation: str, policy: SecAggConfig,
                  workspace: SiteWorkspace, learner: Callable[[], LocalLearner], validation: Any,
-                 rng: RandomSource, ledger: Any = None, site_dp: SiteLevelDP | None = None) -> None:
+                 rng: RandomSource, ledger: Any = None, site_dp: SiteLevelDP | None = None,
+                 he: SiteHE | None = None) -> None:
         """``learner`` is called once, on the first round (building it loads torch and the model).
         ``ledger`` (optional) is published after every round: its signed head and id go to the
         workspace. ``rng`` draws this site's protocol randomness (masks, keys, rounding)."""
@@ -91,6 +101,7 @@ class FederationSite:
         self._protocol_round: int | None = None
         self._round: int | None = None
         self._site_dp = site_dp
+        self.he = he
         self._site_charge: tuple[Any, Any] | None = None  # (ledger entry, encoder) awaiting its settle
         self.refusals: list[str] = []  # why this site refused or went silent (its own log)
 
@@ -116,8 +127,14 @@ class FederationSite:
         if isinstance(message, ProtocolRelay):
             return self._relay(message)
         if isinstance(message, ModelRelease):
+            if self.he is not None:  # only the public initial model; later ones the site decrypts itself
+                if message.round != 0:
+                    return self._refuse(message.round, "under HE the coordinator has no model to release")
+                self.he.store_initial(message.model)
             self._evaluate(message.round, message.model)
             return Acknowledgement(message.round).encode()
+        if self.he is not None and isinstance(message, KeyRequest | KeyDelivery | EncryptedAggregate):
+            return self._he_message(message)
         self.refusals.append(f"unexpected {type(message).__name__} from the coordinator")
         return None
 
@@ -154,13 +171,13 @@ class FederationSite:
         if start.aggregation != self.aggregation:
             return self._refuse(start.round, f"the federation aggregates with {self.aggregation!r}; "
                                              f"a {start.aggregation!r} round is refused")
-        setup = None
+        setup: Any = None
         if start.aggregation != "plain":
             try:
-                setup = decode_message(start.setup)
+                setup = HERoundSetup.decode(start.setup) if self.he is not None else decode_message(start.setup)
             except ProtocolError as exc:
                 return self._refuse(start.round, f"malformed protocol setup: {exc}")
-            if not isinstance(setup, RoundSetup) or setup.round_id != start.protocol_round:
+            if not isinstance(setup, RoundSetup | HERoundSetup) or setup.round_id != start.protocol_round:
                 return self._refuse(start.round, "the protocol setup is not this round's")
         state = self.workspace.load_state()
         previous = state.previous_protocol_round
@@ -170,29 +187,46 @@ class FederationSite:
         if start.round in state.released:
             return self._refuse(start.round, "this round's update already left this site in an earlier attempt; "
                                              "sitting out its replay keeps two releases from being combined")
+        model = start.model
+        if self.he is not None:  # the site's own copy of the global model; the coordinator has none
+            held = self.he.held()
+            if held is None:
+                return self._refuse(start.round, "this site holds no global model yet")
+            model = held.vector
         learner = self.learner()
         count = getattr(learner, "parameter_count", None)
-        if not np.isfinite(start.model).all() or (count is not None and start.model.size != count()):
+        if not np.isfinite(model).all() or (count is not None and model.size != count()):
             return self._refuse(start.round, "the model sent has the wrong number of parameters or non-finite values")
-        digest = model_digest(start.model).hex()
+        digest = model_digest(model).hex()
         trained_from = state.trained.get(start.round)
         if trained_from is not None and trained_from != digest:
             return self._refuse(start.round, "this round was already started from a different model")
-        if setup is not None:
-            problem = self._setup_problem(setup.config, previous, start.model.size)
+        if isinstance(setup, HERoundSetup):
+            problem = self.he.setup_problem(setup, model_size=model.size)  # type: ignore[union-attr]
+            if problem is not None:
+                return self._refuse(start.round, f"encrypted aggregation refused: {problem}")
+        elif setup is not None:
+            problem = self._setup_problem(setup.config, previous, model.size)
             if problem is not None:
                 return self._refuse(start.round, f"secure aggregation refused: {problem}")
         state.previous_protocol_round = start.protocol_round
         state.trained[start.round] = digest
         self.workspace.save_state(state)  # before anything is charged or leaves this site
         try:
-            self._evaluate(start.round - 1, start.model)
+            self._evaluate(start.round - 1, model)
             if self._site_dp is not None:  # charged first: its refusal leaves DP-SGD's budget untouched
-                self._charge_site_level(start.round, setup.config, start.model.size)
-            result = learner.train_round(start.model, round_id=training_round_id(start.round),
-                                                replay_charged=trained_from is not None)
+                if isinstance(setup, HERoundSetup):
+                    self._charge_site_level(start.round, self.he.encoder(model.size),  # type: ignore[union-attr]
+                                            threshold=self.he.min_sites,  # type: ignore[union-attr]
+                                            vector_length=self.he.vector_size(model.size))  # type: ignore[union-attr]
+                else:
+                    self._charge_site_level(start.round, self._site_dp.encoder(
+                        dimension=model.size, cohort=setup.config.n_sites, threshold=setup.config.threshold),
+                        threshold=setup.config.threshold, vector_length=setup.config.vector_length)
+            result = learner.train_round(model, round_id=training_round_id(start.round),
+                                         replay_charged=trained_from is not None)
             update = np.asarray(result.update, dtype=np.float32)
-            if update.shape != start.model.shape or not np.isfinite(update).all():
+            if update.shape != model.shape or not np.isfinite(update).all():
                 raise ProtocolAbort("local training produced an update of the wrong shape or with NaN/inf")
         except PrivacyBudgetExceeded:
             return self._untrained(start.round, "privacy budget exhausted")
@@ -204,6 +238,11 @@ class FederationSite:
         if start.aggregation == "plain":
             self._mark_released(start.round)
             return PlainUpdate(start.round, 1.0, update).encode()
+        if isinstance(setup, HERoundSetup):
+            upload = self.he.upload(setup, update, round_=start.round,  # type: ignore[union-attr]
+                                    rng=self._fork(f"site-dp/{start.round}"))
+            self._mark_released(start.round)
+            return ProtocolRelay(start.protocol_round, upload).encode()
         self._protocol_round = start.protocol_round
         vector: np.ndarray | ModularInput = update
         if self._site_charge is not None:
@@ -253,26 +292,48 @@ class FederationSite:
             self._settle()
         return ProtocolRelay(relay.protocol_round, reply.encode()).encode()
 
+    # ------------------------------------------------------------------ homomorphic encryption
+    def _he_message(self, message: KeyRequest | KeyDelivery | EncryptedAggregate) -> bytes:
+        assert self.he is not None
+        if isinstance(message, KeyRequest):
+            return self.he.deal(message).encode()
+        if isinstance(message, KeyDelivery):
+            try:
+                self.he.receive_key(message)
+            except SecurefedError as exc:
+                return self._refuse(0, f"the HE key delivery was refused: {exc}")
+            return Acknowledgement(0).encode()
+        try:
+            held = self.he.apply(message)
+        except SecurefedError as exc:
+            return self._refuse(message.round, f"the encrypted sum was refused: {exc}")
+        # The sum decrypted to a weight of exactly its survivors, this site among them: its noise
+        # and theirs is in it, so the worst-case charge comes down to them.
+        if (self._site_charge is not None and self._round == message.round
+                and self.roster.index(self.name) in message.survivors):
+            self._settle_to(len(set(message.survivors)))
+        self._evaluate(held.round, held.vector)
+        return Acknowledgement(message.round).encode()
+
     # ------------------------------------------------------------------ site-level DP
-    def _charge_site_level(self, round_: int, config: RoundConfig, dimension: int) -> None:
-        """Charge the worst case the protocol allows before the update exists (a replay whose
-        noised update never left this site reuses the earlier attempt's charge)."""
+    def _charge_site_level(self, round_: int, encoder: Any, *, threshold: int, vector_length: int) -> None:
+        """Charge the worst case the protocol allows (``threshold`` sites' noise) before the update
+        exists (a replay whose noised update never left this site reuses the earlier charge)."""
         from securefed.privacy.events import DistributedDiscreteGaussian
         from securefed.privacy.ledger_records import EntryKind
 
         assert self._site_dp is not None and self._ledger is not None
-        encoder = self._site_dp.encoder(dimension=dimension, cohort=config.n_sites, threshold=config.threshold)
-        if config.vector_length != encoder.padded_dimension:
-            raise ProtocolAbort(f"the round sums {config.vector_length} values; site-level DP sends "
+        if vector_length != encoder.padded_dimension:
+            raise ProtocolAbort(f"the round sums {vector_length} values; site-level DP sends "
                                 f"{encoder.padded_dimension}")
         key = training_round_id(round_)
-        worst = encoder.event(sites=config.threshold)
+        worst = encoder.event(sites=threshold)
         earlier = [e for e in self._ledger.entries() if e.kind is EntryKind.CHARGE and e.round_id == key
                    and isinstance(e.event, DistributedDiscreteGaussian)]
         if earlier and earlier[0].event != worst:
             raise ProtocolAbort("this round was charged for another site-level mechanism in an earlier attempt")
         charge = earlier[0] if earlier else self._ledger.charge(
-            worst, round_id=key, note=f"{SITE_DP_NOTE}, worst case: {config.threshold} sites' noise")
+            worst, round_id=key, note=f"{SITE_DP_NOTE}, worst case: {threshold} sites' noise")
         self._site_charge = (charge, encoder)
 
     def _settle(self) -> None:
@@ -282,17 +343,22 @@ class FederationSite:
         ``threshold`` sites signed the same survivor list. Only on a complete graph does that
         cover every survivor; on a sparse graph the worst-case charge stands.
         """
-        charge, encoder = self._site_charge  # type: ignore[misc]
-        self._site_charge = None
         client = self._client
         survivors = client.survivors if client is not None else None
         if not survivors or client is None or client.config is None or client.config.neighbourhood_size != client.config.n_sites:
+            self._site_charge = None
             return
-        actual = encoder.event(sites=len(survivors))
+        self._settle_to(len(survivors))
+
+    def _settle_to(self, survivors: int) -> None:
+        """Lower the pending worst-case charge to the noise of ``survivors`` sites."""
+        charge, encoder = self._site_charge  # type: ignore[misc]
+        self._site_charge = None
+        actual = encoder.event(sites=survivors)
         if actual == charge.event:
             return
         try:
-            self._ledger.settle(charge.seq, actual, note=f"{SITE_DP_NOTE}: {len(survivors)} sites' noise in the sum")
+            self._ledger.settle(charge.seq, actual, note=f"{SITE_DP_NOTE}: {survivors} sites' noise in the sum")
         except SecurefedError as exc:  # the worst-case charge stands: over-counting is safe
             self.refusals.append(f"round {self._round}: could not settle the site-level charge: {exc}")
         self._publish_ledger()

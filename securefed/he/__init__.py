@@ -8,7 +8,7 @@
 - :mod:`.tenseal_ckks` — the TenSEAL adapter (loads on first use); :func:`encrypted_sum` runs a
   whole aggregation in one process.
 
-``aggregation = "he"`` in the federation is on the way.
+The federation's ``aggregation = "he"`` is built on these, one layer up.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     "seal_context": "keys",
     "open_context": "keys",
     "context_digest": "keys",
+    "key_id": "keys",
     "EncryptedUpload": "messages",
     "HEAggregator": "aggregator",
     "EncryptedTotal": "aggregator",

@@ -82,7 +82,7 @@ class HEAggregator:
         if self.finished:
             raise ProtocolAbort("the round is over")
         self.finished = True
-        accepted = dict(sorted(self._accepted.items()))
+        accepted = self._same_model(dict(sorted(self._accepted.items())))
         while len(accepted) >= self.minimum:
             try:
                 total = add([u.ciphertexts for u in accepted.values()])
@@ -92,6 +92,19 @@ class HEAggregator:
                 self.rejected[culprit] = "its ciphertexts are not valid under the federation's context"
                 del accepted[culprit]
         raise ProtocolAbort(f"only {len(accepted)} valid uploads arrived; the round needs {self.minimum}")
+
+    def _same_model(self, accepted: dict[int, EncryptedUpload]) -> dict[int, EncryptedUpload]:
+        """Keep the uploads that started from the model most of them started from (ties: the one
+        of the lowest site): a site whose model drifted would spoil the others' sum."""
+        groups: dict[bytes, list[int]] = {}
+        for site, upload in accepted.items():
+            groups.setdefault(upload.model_tag, []).append(site)
+        if len(groups) <= 1:
+            return accepted
+        keep = max(groups.values(), key=lambda sites: (len(sites), -min(sites)))
+        for site in set(accepted) - set(keep):
+            self.rejected[site] = "its update started from a different model than most sites' (it is out of step)"
+        return {site: accepted[site] for site in keep}
 
     @staticmethod
     def _find_unparsable(accepted: dict[int, EncryptedUpload],

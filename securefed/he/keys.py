@@ -25,7 +25,7 @@ from securefed.primitives.roster import Roster
 from securefed.primitives.sealed import open_sealed, seal_to
 from securefed.serialization import Reader, Writer
 
-__all__ = ["SealedContext", "seal_context", "open_context", "context_digest", "RUN_ID_SIZE"]
+__all__ = ["SealedContext", "seal_context", "open_context", "context_digest", "key_id", "RUN_ID_SIZE"]
 
 RUN_ID_SIZE = 16
 _MAGIC = b"SFHK"
@@ -38,6 +38,17 @@ _MAX_SEALED = 1 << 30
 def context_digest(context: bytes) -> bytes:
     """SHA-256 of a serialized context: what the parties compare to know they share one key."""
     return hashlib.sha256(bytes(context)).digest()
+
+
+def key_id(run_id: bytes, secret_digest: bytes, public_digest: bytes) -> bytes:
+    """What names one run's key in uploads and round setups.
+
+    The public context holds the parameters but no key material, so its digest is the same for
+    every key with those parameters; the id binds the run and the secret context's digest too, so
+    a ciphertext under an earlier run's key is refused instead of silently corrupting the sum.
+    """
+    return hashlib.sha256(b"securefed/he/key-id/v1" + bytes(run_id) + bytes(secret_digest)
+                          + bytes(public_digest)).digest()
 
 
 @dataclass(frozen=True)

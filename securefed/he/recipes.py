@@ -18,7 +18,7 @@ import numpy as np
 from securefed.errors import ConfigError, ProtocolError
 from securefed.he.aggregator import HEAggregator
 from securefed.he.config import HEConfig
-from securefed.he.keys import RUN_ID_SIZE, SealedContext, context_digest, open_context, seal_context
+from securefed.he.keys import RUN_ID_SIZE, SealedContext, context_digest, key_id, open_context, seal_context
 from securefed.he.messages import EncryptedUpload
 from securefed.primitives.keys import Roster, SiteIdentity
 from securefed.primitives.randomness import SeededRandom
@@ -99,9 +99,11 @@ def encrypted_sum(vectors: Sequence[np.ndarray] | np.ndarray, config: HEConfig =
     secret, public = new_context(config)
     deliveries = {name: d.encode() for name, d in seal_context(dealer=dealer, roster=roster, secret_context=secret,
                                                                public_context=public, run_id=run_id).items()}
+    secret_digest = context_digest(secret)
     del secret
     view = HECoordinatorView(public_context=public)
-    digest = context_digest(public)
+    public_digest = context_digest(public)
+    digest = key_id(run_id, secret_digest, public_digest)  # what uploads name the key by
     length = rows[0].size + 1  # the weight rides in the last slot
     aggregator = HEAggregator(roster=roster, round_id=1, participants=range(len(rows)), context_digest=digest,
                               length=length, ciphertexts=config.ciphertexts_for(length))
@@ -109,7 +111,7 @@ def encrypted_sum(vectors: Sequence[np.ndarray] | np.ndarray, config: HEConfig =
     codecs = {}
     for i, identity in enumerate(identities):
         own = open_context(SealedContext.decode(deliveries[identity.name]), identity=identity, roster=roster,
-                           dealer=dealer.name, run_id=run_id, public_digest=digest)
+                           dealer=dealer.name, run_id=run_id, public_digest=public_digest)
         codecs[i] = CKKSCodec(config, own)
         if i in gone:
             continue

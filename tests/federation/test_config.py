@@ -113,10 +113,13 @@ def test_bad_enum_value_lists_the_allowed_values(mapping: dict, allowed: list[st
         assert choice in problem, problem
 
 
-def test_homomorphic_encryption_is_refused_with_the_alternative() -> None:
-    assert one_problem({"federation": {"aggregation": "he"}}) == (
-        '[federation] aggregation = "he" (homomorphic encryption) is not available in this release; '
-        'use "secagg" (or "plain" for a non-private baseline)')
+def test_he_settings_report_every_problem_with_its_fix() -> None:
+    problems = problems_of({"federation": {"aggregation": "he"},
+                            "he": {"coeff_mod_bit_sizes": [60, 60], "min_sites": 1, "clip": -1}})
+    assert any("128-bit" in p and "[he]" in p for p in problems), problems
+    assert any("min_sites" in p and "show its update" in p for p in problems), problems
+    assert any("clip" in p for p in problems), problems
+    assert parse_config({"federation": {"aggregation": "he"}}).federation.aggregation is Aggregation.HE
 
 
 def test_named_sites_with_budgets() -> None:
@@ -184,6 +187,7 @@ def test_bad_values_are_reported(mapping: dict, fragment: str) -> None:
 def test_every_problem_of_every_section_is_reported_at_once() -> None:
     problems = problems_of({
         "federation": {"rounsd": 3, "aggregation": "he"},
+        "he": {"poly_modulus_degree": 1000},
         "secagg": {"bit_width": "32"},
         "data": {"kind": "medmnist"},
         "training": {"optimizer": "rmsprop"},
@@ -191,7 +195,7 @@ def test_every_problem_of_every_section_is_reported_at_once() -> None:
         "sites": [{"name": "a"}, {"name": "a"}],
         "evaluaton": {},
     })
-    fragments = ["'rounsd'", '"he"', "bit_width", "data.path is required", "'rmsprop'", "budget_epsilon",
+    fragments = ["'rounsd'", "poly_modulus_degree", "bit_width", "data.path is required", "'rmsprop'", "budget_epsilon",
                  "delta", "'a' appears 2 times", "did you mean [evaluation]"]
     for fragment in fragments:
         assert any(fragment in p for p in problems), (fragment, problems)

@@ -1,0 +1,432 @@
+"""``aggregation = "he"``: the federation trains what plain FedAvg trains, within CKKS error, while
+the coordinator holds neither the key nor any plaintext update or model; it refuses tampered and
+replayed uploads and goes on; sites refuse sums and keys a misbehaving coordinator makes up; a run
+killed between summing and applying a round finishes it on resume without training it again."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from securefed.errors import DecryptionError, InvalidSignatureError, ProtocolAbort
+from securefed.federation import Federation, parse_config
+from securefed.federation.coordinator_he import HEKeys
+from securefed.federation.messages import (
+    EncryptedAggregate,
+    SiteRefusal,
+    KeyDelivery,
+    PlainUpdate,
+    ProtocolRelay,
+    decode_federation_message,
+)
+from securefed.federation.setup import site_workspace
+from securefed.federation.site import FederationSite
+from securefed.federation.site_he import SiteHE, load_held_model
+from securefed.federation.site_level import SiteLevelDP
+from securefed.he.keys import SealedContext
+from securefed.he.messages import EncryptedUpload, HERoundSetup
+from securefed.he.tenseal_ckks import CKKSCodec
+from securefed.primitives.keys import Roster, SiteIdentity
+from securefed.primitives.randomness import SeededRandom
+from securefed.privacy.ledger import PrivacyLedger
+from securefed.privacy.ledger_records import EntryKind
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+MLP = {"model": {"name": "mlp", "hidden": [8]}}
+
+
+def _config(aggregation: str = "he", **federation):
+    return parse_config({"federation": {"rounds": 2, "sites": 3, "seed": 4, "aggregation": aggregation,
+                                        **federation}, **MLP})
+
+
+def _charges(run_dir: Path, site: str) -> list[str]:
+    workspace = run_dir / "sites" / site
+    public = SiteIdentity.load(workspace / "identity.key").public()
+    with PrivacyLedger.read(workspace / "ledger.sqlite", public_key=public) as ledger:
+        return [e.round_id for e in ledger.entries() if e.kind is EntryKind.CHARGE]
+
+
+def _site_he(run_dir: Path, config, name: str) -> SiteHE:
+    """A site's HE side, rebuilt from its workspace as the site itself would after a restart."""
+    workspace = site_workspace(run_dir, name)
+    return SiteHE(identity=SiteIdentity.load(workspace.identity_file), roster=Roster.load(run_dir / "roster.json"),
+                  workspace=workspace, config=config.he_config(), min_sites=config.he.min_sites,
+                  dealer=config.he.dealer_of(config.site_names()))
+
+
+# ------------------------------------------------------------------ the same training as FedAvg
+def test_he_trains_the_model_plain_fedavg_trains_within_ckks_error(tmp_path):
+    plain = Federation(_config("plain"), run_dir=tmp_path / "plain").run()
+    he = Federation(_config("he"), run_dir=tmp_path / "he").run()
+    assert [r.survivors for r in he.rounds] == [r.survivors for r in plain.rounds] == [("site-1", "site-2", "site-3")] * 2
+    assert np.abs(he.model - plain.model).max() < 1e-5
+    assert he.final_metrics["accuracy"] == pytest.approx(plain.final_metrics["accuracy"], abs=0.01)
+    for name in he.sites:
+        assert he.sites[name].epsilon == pytest.approx(plain.sites[name].epsilon, rel=1e-9)
+        assert _charges(tmp_path / "he", name) == ["round-1", "round-2"]
+        # every site holds the same decrypted model, and the run's copy is theirs
+        held = load_held_model(site_workspace(tmp_path / "he", name))
+        assert held.round == 2 and np.array_equal(held.vector, he.model)
+
+
+# ------------------------------------------------------------------ what the coordinator holds
+def test_the_coordinator_never_sees_a_plaintext_update_or_model_and_cannot_decrypt(tmp_path):
+    config = _config(rounds=1)
+    plain = Federation(dataclasses.replace(config, federation=dataclasses.replace(
+        config.federation, aggregation="plain")), run_dir=tmp_path / "plain").run(keep_transcript=True)
+    he = Federation(config, run_dir=tmp_path / "he").run(keep_transcript=True)
+
+    # Training is deterministic, so the plain run's updates are the ones the HE sites encrypted.
+    updates = [decode_federation_message(e.data).update for e in plain.coordinator_transcript.received()
+               if e.kind == "PlainUpdate"]
+    assert len(updates) == 3
+    secrets = [u.astype("<f4").tobytes() for u in updates] + [he.model.astype("<f4").tobytes()]
+    plain_bytes = b"".join(e.data for e in plain.coordinator_transcript.entries)
+    he_entries = he.coordinator_transcript.entries
+    he_bytes = b"".join(e.data for e in he_entries)
+    for secret in secrets:
+        pieces = [secret[i:i + 32] for i in range(0, len(secret) - 32, 256)]
+        if secret is not secrets[-1]:  # the check can fail: the plain baseline does show the updates
+            assert all(p in plain_bytes for p in pieces)
+        assert not any(p in he_bytes for p in pieces)
+    received = {e.kind for e in he_entries if e.direction == "received"}
+    assert received == {"KeyDeal", "ProtocolRelay/EncryptedUpload", "Acknowledgement"}
+    sent_models = [decode_federation_message(e.data) for e in he_entries if e.kind in ("RoundStart", "ModelRelease")]
+    assert all(m.model.size == 0 for m in sent_models if type(m).__name__ == "RoundStart")
+    assert all(m.round == 0 for m in sent_models if type(m).__name__ == "ModelRelease")  # the public initial model
+
+    # All the coordinator keeps of the key is public: it decrypts nothing it holds.
+    keys = HEKeys.decode((tmp_path / "he" / "he" / "keys.bin").read_bytes())
+    coordinator = CKKSCodec(config.he_config(), keys.public_context)
+    assert not coordinator.holds_secret_key
+    aggregate = next(decode_federation_message(e.data) for e in he_entries if e.kind == "EncryptedAggregate")
+    with pytest.raises(DecryptionError):
+        coordinator.decrypt(aggregate.ciphertexts, length=he.model.size + 1)
+    upload = next(decode_federation_message(e.data) for e in he_entries if e.kind == "ProtocolRelay/EncryptedUpload")
+    with pytest.raises(DecryptionError):
+        coordinator.decrypt(EncryptedUpload.decode(bytes(upload.payload)).ciphertexts, length=he.model.size + 1)
+    # nor does any site's secret context appear anywhere the coordinator wrote or received
+    site_secret = (tmp_path / "he" / "sites" / "site-2" / "he-context.key").read_bytes()
+    assert (tmp_path / "he" / "sites" / "site-2" / "he-context.key").stat().st_mode & 0o077 == 0
+    for blob in [he_bytes, *(p.read_bytes() for p in (tmp_path / "he" / "he").rglob("*") if p.is_file())]:
+        assert site_secret[-4096:] not in blob
+
+
+# ------------------------------------------------------------------ a misbehaving network
+class _Tampering:
+    """Alters the replies of one site on their way to the coordinator (``alter`` returns None to
+    lose one); ``lose`` picks outgoing messages that never arrive."""
+
+    def __init__(self, inner, alter, lose=None) -> None:
+        self.inner, self.alter, self.lose, self.seen = inner, alter, lose, []
+
+    def exchange(self, outgoing):
+        if self.lose is not None:
+            outgoing = {site: data for site, data in outgoing.items() if not self.lose(self, site, data)}
+        replies = self.inner.exchange(outgoing)
+        altered = {site: self.alter(self, site, data) for site, data in replies.items()}
+        return {site: data for site, data in altered.items() if data is not None}
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _flip_a_ciphertext_byte(tap, site, data):
+    message = decode_federation_message(data)
+    if site != "site-2" or not isinstance(message, ProtocolRelay):
+        return data
+    upload = EncryptedUpload.decode(bytes(message.payload))
+    first = bytearray(upload.ciphertexts[0])
+    first[len(first) // 2] ^= 1
+    altered = dataclasses.replace(upload, ciphertexts=(bytes(first), *upload.ciphertexts[1:]))
+    return ProtocolRelay(message.protocol_round, altered.encode()).encode()
+
+
+def _replay_the_first_round(tap, site, data):
+    message = decode_federation_message(data)
+    if site != "site-2" or not isinstance(message, ProtocolRelay):
+        return data
+    tap.seen.append(data)
+    return tap.seen[0]  # round 2 gets site-2's (validly signed) round-1 upload
+
+
+@pytest.mark.parametrize("attack", [_flip_a_ciphertext_byte, _replay_the_first_round])
+def test_altered_or_replayed_uploads_are_rejected_and_the_round_goes_on(tmp_path, attack):
+    class Attacked(Federation):
+        def _transport(self, run_dir, task, roster):
+            transport, sites = super()._transport(run_dir, task, roster)
+            return _Tampering(transport, attack), sites
+
+    result = Attacked(_config(), run_dir=tmp_path / "run").run()
+    attacked_rounds = result.rounds if attack is _flip_a_ciphertext_byte else result.rounds[1:]
+    for record in attacked_rounds:
+        assert record.failure is None and record.survivors == ("site-1", "site-3")
+        assert "site-2" in record.rejected
+    models = [load_held_model(site_workspace(tmp_path / "run", s)).vector for s in ("site-1", "site-2", "site-3")]
+    assert all(np.array_equal(m, models[0]) for m in models)  # the excluded site still holds the new model
+
+
+# ------------------------------------------------------------------ sites refuse what a coordinator makes up
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("he") / "run"
+    config = _config(rounds=1)
+    result = Federation(config, run_dir=run_dir).run(keep_transcript=True)
+    uploads = {e.site: EncryptedUpload.decode(bytes(decode_federation_message(e.data).payload))
+               for e in result.coordinator_transcript.received() if e.kind == "ProtocolRelay/EncryptedUpload"}
+    aggregates = [decode_federation_message(e.data) for e in result.coordinator_transcript.entries
+                  if e.kind == "EncryptedAggregate" and e.site == "site-1"]
+    return run_dir, config, uploads, aggregates
+
+
+def test_a_site_refuses_sums_the_coordinator_makes_up_and_says_nothing_of_what_they_hold(finished_run):
+    run_dir, config, uploads, aggregates = finished_run
+    site = _site_he(run_dir, config, "site-1")
+    held = site.held()
+    keys = HEKeys.decode((run_dir / "he" / "keys.bin").read_bytes())
+    coordinator = CKKSCodec(config.he_config(), keys.public_context)
+    honest = aggregates[0]
+    assert honest.round == 1 and honest.survivors == (0, 1, 2)
+    two = uploads["site-2"].ciphertexts
+    attacks = {
+        "min_sites": EncryptedAggregate(2, 1, (1,), two),
+        # site-2's update counted three times, passed off as everyone's: weight and count agree
+        "tags": EncryptedAggregate(2, 1, (0, 1, 2), tuple(coordinator.add([two, two, two]))),
+        "tags ": EncryptedAggregate(2, 1, (0, 1, 2), honest.ciphertexts),  # round 1's sum replayed as round 2
+        "tags  ": EncryptedAggregate(1, 0, (0, 1), honest.ciphertexts),  # the sum, one survivor left out
+        "model after round 0": EncryptedAggregate(3, 0, (0, 1, 2), honest.ciphertexts),
+    }
+    for fragment, aggregate in attacks.items():
+        with pytest.raises(ProtocolAbort, match=fragment.strip()):
+            site.apply(aggregate)
+    assert site.held().round == 1 and np.array_equal(site.held().vector, held.vector)  # nothing applied
+    assert site.apply(honest).round == 1  # the real sum again: acknowledged, not applied twice
+    assert np.array_equal(site.held().vector, held.vector)
+    # Through the site's front door: the refusal names no decrypted value.
+    front = FederationSite(identity=site.identity, roster=site.roster, aggregation="he", policy=config.secagg_config(),
+                           workspace=site.workspace, learner=lambda: None, validation=None, rng=SeededRandom(b"x"),
+                           he=site)
+    reply = decode_federation_message(front.handle(attacks["tags"].encode()))
+    assert isinstance(reply, SiteRefusal) and not re.search(r"\d\.\d", reply.reason)
+
+
+def test_a_site_refuses_a_round_under_another_key_or_without_it_or_below_min_sites(finished_run):
+    run_dir, config, *_ = finished_run
+    site = _site_he(run_dir, config, "site-1")
+    size = site.held().vector.size
+    chunks, wire = site.layout(size)
+    good = HERoundSetup(2000, 1, (0, 1, 2), site.key_id(), wire, chunks, 2)
+    assert site.setup_problem(good, model_size=size) is None
+    cases = {
+        "another CKKS key": dataclasses.replace(good, context_digest=bytes(32)),
+        "not listed once": dataclasses.replace(good, participants=(1, 2)),
+        "min_sites": dataclasses.replace(good, min_sites=1),
+        "model after round 0": dataclasses.replace(good, model_round=0),
+        "values in": dataclasses.replace(good, length=wire - 1),
+    }
+    for fragment, setup in cases.items():
+        assert fragment in site.setup_problem(setup, model_size=size)
+
+
+def test_a_site_refuses_a_key_not_signed_by_the_dealer_or_for_another_run(finished_run, tmp_path):
+    run_dir, config, *_ = finished_run
+    keys = HEKeys.decode((run_dir / "he" / "keys.bin").read_bytes())
+    fresh = SiteHE(identity=SiteIdentity.load(site_workspace(run_dir, "site-2").identity_file),
+                   roster=Roster.load(run_dir / "roster.json"), workspace=site_workspace(tmp_path, "site-2"),
+                   config=config.he_config(), min_sites=2, dealer="site-1")
+    site_workspace(tmp_path, "site-2").create()
+    delivery = SealedContext.decode(keys.deliveries["site-2"])
+    forged = dataclasses.replace(delivery, signature=bytes(64))
+    with pytest.raises(InvalidSignatureError):
+        fresh.receive_key(KeyDelivery(keys.run_id, keys.public_context, forged.encode()))
+    with pytest.raises(ProtocolAbort, match="another run"):
+        fresh.receive_key(KeyDelivery(bytes(16), keys.public_context, keys.deliveries["site-2"]))
+    with pytest.raises(ProtocolAbort, match="not 'site-2'"):
+        fresh.receive_key(KeyDelivery(keys.run_id, keys.public_context, keys.deliveries["site-3"]))
+    assert fresh.key_facts() is None
+    fresh.receive_key(KeyDelivery(keys.run_id, keys.public_context, keys.deliveries["site-2"]))
+    assert fresh.key_id() == _site_he(run_dir, config, "site-1").key_id() == keys.key_id()
+
+
+# ------------------------------------------------------------------ crash between summing and applying
+def test_a_run_stopped_after_a_sum_finishes_that_round_on_resume_without_training_it_again(tmp_path):
+    reference = Federation(_config(), run_dir=tmp_path / "reference").run()
+
+    class Stopped(Exception):
+        pass
+
+    def stop_before_round_two_is_applied(tap, site, data):
+        return data
+
+    class StopsBeforeApplying(Federation):
+        def _transport(self, run_dir, task, roster):
+            transport, sites = super()._transport(run_dir, task, roster)
+
+            class Cut(_Tampering):
+                def exchange(self, outgoing):
+                    first = next(iter(outgoing.values()))
+                    message = decode_federation_message(first)
+                    if isinstance(message, EncryptedAggregate) and message.round == 2:
+                        raise Stopped()
+                    return super().exchange(outgoing)
+
+            return Cut(transport, stop_before_round_two_is_applied), sites
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(Stopped):
+        StopsBeforeApplying(_config(), run_dir=run_dir).run()
+    assert (run_dir / "he" / "aggregate.json").exists() and (run_dir / "he" / "sums" / "round-0002.bin").exists()
+    assert load_held_model(site_workspace(run_dir, "site-1")).round == 1
+
+    resumed = Federation.resume(run_dir).run()
+    assert [r.round for r in resumed.rounds] == [1, 2] and all(r.failure is None for r in resumed.rounds)
+    np.testing.assert_allclose(resumed.model, reference.model, rtol=0, atol=1e-6)
+    for name in resumed.sites:
+        assert _charges(run_dir, name) == ["round-1", "round-2"]  # round 2 was not trained again
+        assert resumed.sites[name].epsilon == pytest.approx(reference.sites[name].epsilon, rel=1e-12)
+
+
+def test_a_plain_update_never_counts_in_an_he_round(tmp_path):
+    """A site answering an HE round in the clear is rejected, not summed."""
+
+    def answer_in_the_clear(tap, site, data):
+        message = decode_federation_message(data)
+        if site == "site-3" and isinstance(message, ProtocolRelay):
+            return PlainUpdate(1, 1.0, np.zeros(10, dtype=np.float32)).encode()
+        return data
+
+    class Clear(Federation):
+        def _transport(self, run_dir, task, roster):
+            transport, sites = super()._transport(run_dir, task, roster)
+            return _Tampering(transport, answer_in_the_clear), sites
+
+    result = Clear(_config(rounds=1), run_dir=tmp_path / "run").run()
+    assert result.rounds[0].survivors == ("site-1", "site-2") and "site-3" in result.rounds[0].rejected
+
+
+def test_an_upload_under_an_earlier_runs_key_is_rejected(tmp_path):
+    """Same sites, same seed, same round ids: only the key differs, and the coordinator notices."""
+    earlier = Federation(_config(rounds=1), run_dir=tmp_path / "earlier").run(keep_transcript=True)
+    old = next(e.data for e in earlier.coordinator_transcript.received()
+               if e.site == "site-2" and e.kind == "ProtocolRelay/EncryptedUpload")
+
+    def send_the_old_upload(tap, site, data):
+        return old if site == "site-2" and decode_federation_message(data).__class__ is ProtocolRelay else data
+
+    class Replayed(Federation):
+        def _transport(self, run_dir, task, roster):
+            transport, sites = super()._transport(run_dir, task, roster)
+            return _Tampering(transport, send_the_old_upload), sites
+
+    record = Replayed(_config(rounds=1), run_dir=tmp_path / "later").run().rounds[0]
+    assert record.survivors == ("site-1", "site-3") and "another CKKS context" in record.rejected["site-2"]
+
+
+# ------------------------------------------------------------------ site-level DP under HE
+def test_site_level_dp_under_he_noises_the_mean_within_its_bound_and_settles_like_secure_aggregation(tmp_path):
+    dp = {"site_dp": {"mode": "distributed", "noise_multiplier": 1.0, "l2_clip": 0.5},
+          "privacy": {"budget_epsilon": 12.0}}
+    secagg_config = parse_config({"federation": {"rounds": 1, "sites": 3, "seed": 4, "aggregation": "secagg"},
+                                  **MLP, **dp})
+    threshold = secagg_config.site_dp_threshold()
+    he_config = parse_config({"federation": {"rounds": 1, "sites": 3, "seed": 4, "aggregation": "he"},
+                              "he": {"min_sites": threshold}, **MLP, **dp})
+    plain = Federation(dataclasses.replace(he_config, federation=dataclasses.replace(
+        he_config.federation, aggregation="plain"), site_dp=dataclasses.replace(he_config.site_dp, mode="none")),
+        run_dir=tmp_path / "plain").run(keep_transcript=True)
+    secagg = Federation(secagg_config, run_dir=tmp_path / "secagg").run()
+    he = Federation(he_config, run_dir=tmp_path / "he").run()
+
+    updates = [decode_federation_message(e.data).update.astype(np.float64)
+               for e in plain.coordinator_transcript.received() if e.kind == "PlainUpdate"]
+    clipped = [u * min(1.0, 0.5 / np.linalg.norm(u)) for u in updates]
+    initial = next(decode_federation_message(e.data).model for e in plain.coordinator_transcript.entries
+                   if e.kind == "RoundStart")
+    encoder = SiteLevelDP.from_config(he_config).encoder(dimension=initial.size, cohort=3, threshold=threshold)
+    error = np.linalg.norm((he.model.astype(np.float64) - initial) - np.mean(clipped, axis=0))
+    assert he.rounds[0].failure is None and he.rounds[0].survivors == ("site-1", "site-2", "site-3")
+    # The mean carries three sites' noise, and nothing else: its norm concentrates around
+    # sigma * sqrt(d) / 3 (a model that did not move would be off by the mean's own norm).
+    expected = encoder.sum_noise_std(sites=3) * np.sqrt(initial.size) / 3
+    assert 0.8 * expected < error < 1.2 * expected
+    for name in he.sites:
+        assert he.sites[name].epsilon == pytest.approx(secagg.sites[name].epsilon, rel=1e-9)
+        workspace = tmp_path / "he" / "sites" / name
+        with PrivacyLedger.read(workspace / "ledger.sqlite",
+                                public_key=SiteIdentity.load(workspace / "identity.key").public()) as ledger:
+            site_level = [e for e in ledger.entries() if type(e.event).__name__ == "DistributedDiscreteGaussian"]
+        assert [(e.kind, e.event.sites) for e in site_level] == [(EntryKind.CHARGE, threshold), (EntryKind.SETTLE, 3)]
+
+
+def test_a_site_that_missed_a_sum_or_whose_acknowledgement_was_lost_catches_up(tmp_path):
+    reference = Federation(_config(rounds=3), run_dir=tmp_path / "reference").run()
+    lost: list[str] = []
+
+    def sum_to_site_3_lost_once(tap, site, data):
+        message = decode_federation_message(data)
+        if site == "site-3" and isinstance(message, EncryptedAggregate) and "sum" not in lost:
+            lost.append("sum")
+            return True
+        return False
+
+    def acknowledgement_of_site_2_lost_once(tap, site, data):
+        if site == "site-2" and type(decode_federation_message(data)).__name__ == "Acknowledgement" \
+                and tap.seen.count("round-2 sum") == 1 and "ack" not in lost:
+            lost.append("ack")
+            return None
+        return data
+
+    class Lossy(Federation):
+        def _transport(self, run_dir, task, roster):
+            transport, sites = super()._transport(run_dir, task, roster)
+            tap = _Tampering(transport, acknowledgement_of_site_2_lost_once, sum_to_site_3_lost_once)
+            inner = tap.exchange
+
+            def exchange(outgoing):
+                if any(isinstance(decode_federation_message(d), EncryptedAggregate)
+                       and decode_federation_message(d).round == 2 for d in outgoing.values()):
+                    tap.seen.append("round-2 sum")
+                return inner(outgoing)
+
+            tap.exchange = exchange
+            return tap, sites
+
+    result = Lossy(_config(rounds=3), run_dir=tmp_path / "run").run()
+    assert lost == ["sum", "ack"]
+    assert [r.failure for r in result.rounds] == [None, None, None]
+    assert "did not acknowledge" in result.rounds[0].refusals["site-3"]
+    assert [r.survivors for r in result.rounds[1:]] == [("site-1", "site-2", "site-3")] * 2  # caught up in time
+    for name in ("site-1", "site-2", "site-3"):
+        held = load_held_model(site_workspace(tmp_path / "run", name))
+        assert held.round == 3 and np.array_equal(held.vector, result.model)
+    np.testing.assert_allclose(result.model, reference.model, rtol=0, atol=1e-6)
+    assert not list((tmp_path / "run" / "he" / "sums").glob("*.bin"))  # every site has every sum
+
+
+def test_a_site_sent_a_different_initial_model_is_kept_out_of_the_sums(tmp_path):
+    """The coordinator sees only keyed model tags, yet can tell the one site that is out of step."""
+    class Skewed(Federation):
+        def _transport(self, run_dir, task, roster):
+            transport, sites = super()._transport(run_dir, task, roster)
+            inner = transport.exchange
+
+            def exchange(outgoing):
+                changed = dict(outgoing)
+                for site, data in outgoing.items():
+                    message = decode_federation_message(data)
+                    if site == "site-3" and type(message).__name__ == "ModelRelease":
+                        changed[site] = dataclasses.replace(message, model=message.model + 0.5).encode()
+                return inner(changed)
+
+            transport.exchange = exchange
+            return transport, sites
+
+    result = Skewed(_config(rounds=2), run_dir=tmp_path / "run").run()
+    for record in result.rounds:
+        assert record.survivors == ("site-1", "site-2") and "different model" in record.rejected["site-3"]
