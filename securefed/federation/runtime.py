@@ -135,6 +135,7 @@ class Federation:
             recorder.close()
             for site in sites:
                 site.close()
+            self._he = None
         return write_run_outputs(run_dir=run_dir, config=config, task=task, state=state, evaluator=evaluator,
                                  transcript=recorder.transcript, seconds=time.perf_counter() - started)
 

@@ -26,6 +26,7 @@ def _config(workers: int):
 
 
 def _sites_in_this_process() -> int:
+    gc.collect()  # sites of earlier tests, left in unreachable cycles, are not this run's
     # type() rather than isinstance(): some objects (lazy modules, proxies) compute __class__.
     return sum(1 for o in gc.get_objects() if issubclass(type(o), FederationSite))
 
