@@ -77,10 +77,15 @@ def _he_problems(config: FederationConfig) -> list[str]:
     if he.dealer and he.dealer not in config.site_names():
         problems.append(f"[he] dealer = {he.dealer!r} is not one of the sites ({', '.join(config.site_names()[:5])}"
                         f"{', ...' if len(config.sites) > 5 else ''}); name a site, or \"\" for the first")
-    try:  # the sum of a whole round must fit the ciphertext modulus
-        config.he_config()
+    try:  # the sum of a whole round must fit the ciphertext modulus, and sites must be able to check it
+        he_config = config.he_config()
     except ConfigError as error:
         problems.extend(f"[he] with {n} sites per round: {p}" for p in error.problems)
+    else:
+        from securefed.he.tags import tag_problems
+
+        problems.extend(f"[he] {p}" for p in tag_problems(scale_bits=he_config.scale_bits, max_sites=n,
+                                                          bound=max(he_config.clip, he_config.max_weight)))
     return problems
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from securefed.errors import ConfigError, MalformedMessageError, ProtocolAbort, ProtocolError
+from securefed.errors import ConfigError, InvalidSignatureError, MalformedMessageError, ProtocolAbort, ProtocolError
 from securefed.federation.coordinator import RoundOutcome
 from securefed.federation.messages import (
     Acknowledgement,
@@ -27,7 +27,10 @@ from securefed.federation.messages import (
     ProtocolRelay,
     RoundStart,
     SiteRefusal,
+    SumConfirmation,
+    SumReceipt,
     decode_federation_message,
+    sum_statement,
 )
 from securefed.federation.transport import Transport
 from securefed.he.aggregator import HEAggregator
@@ -161,19 +164,50 @@ class HECoordinator:
         for index, why in total.rejected.items():
             rejected.setdefault(names[index], why)
         survivors = tuple(names[i] for i in sorted(total.survivors))
-        aggregate = EncryptedAggregate(round_, model_round, tuple(sorted(total.survivors)), total.ciphertexts)
+        aggregate = EncryptedAggregate(round_, model_round, tuple(sorted(total.survivors)), total.ciphertexts,
+                                       total.model_tag)
         return RoundOutcome(round_, cohort, survivors, None, refusals, rejected, encrypted=aggregate)
 
-    def release(self, aggregate: EncryptedAggregate, sites: Sequence[str]) -> dict[str, Any]:
-        """Send a round's encrypted sum to ``sites``; return those that did not apply it and why."""
-        data = aggregate.encode()
-        replies = self.transport.exchange({s: data for s in sites})
-        problems = {}
+    @property
+    def quorum(self) -> int:
+        """Receipts a sum needs before it is confirmed: a majority of the roster."""
+        return len(self.roster) // 2 + 1
+
+    def release(self, aggregate: EncryptedAggregate, sites: Sequence[str],
+                confirmation: SumConfirmation | None = None) -> tuple[dict[str, str], SumConfirmation | None]:
+        """Send a round's encrypted sum to ``sites``, collect their signed receipts and, once a
+        majority of the roster vouched for it (or with the ``confirmation`` of an earlier
+        release, for sites catching up), confirm it. Return the sites that did not apply it, with
+        why, and the confirmation (None if the sum was not confirmed)."""
+        digest, statement = aggregate.digest(), sum_statement(aggregate.round, aggregate.digest())
+        replies = self.transport.exchange({s: aggregate.encode() for s in sites})
+        signatures, problems = {}, {}
         for site in sites:
             message = _decode_or_none(replies.get(site))
+            if isinstance(message, SumReceipt) and message.round == aggregate.round and message.digest == digest:
+                try:
+                    self.roster[site].verify(statement, message.signature)
+                    signatures[self.roster.index(site)] = message.signature
+                    continue
+                except InvalidSignatureError:
+                    problems[site] = "its receipt is not signed by it"
+                    continue
+            problems[site] = message.reason if isinstance(message, SiteRefusal) else "no receipt for the sum"
+        if confirmation is None:
+            if len(signatures) < self.quorum:
+                missing = dict(problems)
+                for site in sites:
+                    missing.setdefault(site, f"only {len(signatures)} sites vouched for the sum; "
+                                             f"{self.quorum} (a majority) are needed")
+                return missing, None
+            confirmation = SumConfirmation(aggregate.round, digest, signatures)
+        vouched = [s for s in sites if self.roster.index(s) in signatures]
+        acks = self.transport.exchange({s: confirmation.encode() for s in vouched}) if vouched else {}
+        for site in vouched:
+            message = _decode_or_none(acks.get(site))
             if not (isinstance(message, Acknowledgement) and message.round == aggregate.round):
                 problems[site] = message.reason if isinstance(message, SiteRefusal) else "no acknowledgement"
-        return problems
+        return problems, confirmation
 
 
 def _decode_or_none(data: bytes | None) -> Any:

@@ -8,7 +8,9 @@ and announces each new global model in :class:`ModelRelease`. A site answers wit
 :class:`Acknowledgement`. Under homomorphic encryption the coordinator also asks the key dealer
 for the sealed CKKS key (:class:`KeyRequest`, answered by :class:`KeyDeal`), hands each site its
 sealed copy (:class:`KeyDelivery`), relays encrypted uploads and sends the encrypted sum back to
-every site (:class:`EncryptedAggregate`). Nothing else ever reaches the coordinator.
+every site (:class:`EncryptedAggregate`); each site that checked it vouches for it with a signed
+:class:`SumReceipt`, and applies it only on a :class:`SumConfirmation` that a majority of the
+roster vouched for the same sum. Nothing else ever reaches the coordinator.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ __all__ = [
     "ProtocolRelay",
     "RoundStart",
     "SiteRefusal",
+    "SumConfirmation",
+    "SumReceipt",
     "decode_federation_message",
     "message_kind",
     "model_digest",
@@ -251,18 +255,28 @@ class KeyDelivery:
 @dataclass(frozen=True, eq=False)
 class EncryptedAggregate:
     """Coordinator -> every site: the encrypted sum of round ``round``, which started from the
-    model after ``model_round``, and the roster indices of the sites in it. Only sites can
-    decrypt it; each applies it to the model it holds."""
+    model after ``model_round`` (the one whose keyed tag is ``model_tag``), and the roster indices
+    of the sites in it. Only sites can decrypt it; each applies it to the model it holds."""
 
     KIND = 10
     round: int
     model_round: int
     survivors: tuple[int, ...]
     ciphertexts: tuple[bytes, ...]
+    model_tag: bytes = bytes(32)
+
+    def digest(self) -> bytes:
+        """What sites vouch for: the round, the model round and tag, the survivors, every ciphertext."""
+        h = hashlib.sha256(b"securefed/he/sum/v1")
+        h.update(Writer().u32(self.round).u32(self.model_round).fixed(self.model_tag, 32)
+                 .u32_list(list(self.survivors)).getvalue())
+        for ciphertext in self.ciphertexts:
+            h.update(hashlib.sha256(ciphertext).digest())
+        return h.digest()
 
     def encode(self) -> bytes:
         w = _header(self.KIND).u32(self.round).u32(self.model_round).u32_list(list(self.survivors))
-        w.u32(len(self.ciphertexts))
+        w.fixed(self.model_tag, 32).u32(len(self.ciphertexts))
         for ciphertext in self.ciphertexts:
             w.blob(ciphertext)
         return w.getvalue()
@@ -271,15 +285,65 @@ class EncryptedAggregate:
     def _decode(cls, r: Reader) -> EncryptedAggregate:
         round_, model_round = r.u32("round"), r.u32("model round")
         survivors = r.u32_list("survivors", max_count=MAX_SITES)
+        model_tag = r.fixed(32, "model tag")
         count = r.count("ciphertexts", item_size=4, max_count=MAX_HE_CIPHERTEXTS)
         return cls(round_, model_round, survivors,
-                   tuple(r.blob("ciphertext", max_size=MAX_HE_BLOB) for _ in range(count)))
+                   tuple(r.blob("ciphertext", max_size=MAX_HE_BLOB) for _ in range(count)), model_tag)
+
+
+def sum_statement(round_: int, digest: bytes) -> bytes:
+    """What a site signs to vouch for a round's sum (it vouches for one sum per round)."""
+    return Writer().blob(b"securefed/he/sum-receipt/v1").u32(round_).fixed(digest, 32).getvalue()
+
+
+@dataclass(frozen=True, eq=False)
+class SumReceipt:
+    """Site -> coordinator: "I checked round ``round``'s sum with this digest", signed."""
+
+    KIND = 11
+    round: int
+    digest: bytes
+    signature: bytes
+
+    def encode(self) -> bytes:
+        return _header(self.KIND).u32(self.round).fixed(self.digest, 32).fixed(self.signature, 64).getvalue()
+
+    @classmethod
+    def _decode(cls, r: Reader) -> SumReceipt:
+        return cls(r.u32("round"), r.fixed(32, "digest"), r.fixed(64, "signature"))
+
+
+@dataclass(frozen=True, eq=False)
+class SumConfirmation:
+    """Coordinator -> sites: the receipts (roster index -> signature) for round ``round``'s sum."""
+
+    KIND = 12
+    round: int
+    digest: bytes
+    signatures: dict[int, bytes]
+
+    def encode(self) -> bytes:
+        w = _header(self.KIND).u32(self.round).fixed(self.digest, 32).u32(len(self.signatures))
+        for site, signature in sorted(self.signatures.items()):
+            w.u32(site).fixed(signature, 64)
+        return w.getvalue()
+
+    @classmethod
+    def _decode(cls, r: Reader) -> SumConfirmation:
+        round_, digest = r.u32("round"), r.fixed(32, "digest")
+        count = r.count("signatures", item_size=68, max_count=MAX_SITES)
+        signatures = {}
+        for _ in range(count):
+            site = r.u32("site")
+            signatures[site] = r.fixed(64, "signature")
+        return cls(round_, digest, signatures)
 
 
 FederationMessage = (RoundStart | ProtocolRelay | PlainUpdate | SiteRefusal | ModelRelease | Acknowledgement
-                     | KeyRequest | KeyDeal | KeyDelivery | EncryptedAggregate)
+                     | KeyRequest | KeyDeal | KeyDelivery | EncryptedAggregate | SumReceipt | SumConfirmation)
 _BY_KIND = {cls.KIND: cls for cls in (RoundStart, ProtocolRelay, PlainUpdate, SiteRefusal, ModelRelease, Acknowledgement,
-                                      KeyRequest, KeyDeal, KeyDelivery, EncryptedAggregate)}
+                                      KeyRequest, KeyDeal, KeyDelivery, EncryptedAggregate, SumReceipt,
+                                      SumConfirmation)}
 
 
 def decode_federation_message(data: bytes) -> FederationMessage:

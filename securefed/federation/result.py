@@ -10,6 +10,9 @@
   coordinator_transcript.json what the coordinator received and sent, by message kind
   checkpoints/                the newest consistent checkpoint (and the one before)
   sites/<name>/               each site's workspace: keys, ledger, ledger head, state, own metrics
+                              (under "he" also its CKKS key and the global model it holds)
+  he/                         under "he": the public context and sealed keys, sums not yet
+                              acknowledged by every site (securefed.federation.runtime_he)
 ```
 """
 

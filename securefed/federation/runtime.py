@@ -119,14 +119,19 @@ class Federation:
                 # resumes with this round done instead of replaying it.
                 state = RunState(round_, model, [*state.history, record.to_dict()])
                 save_checkpoint(run_dir, state)
+                if self._he is not None:
+                    self._he.prune(round_)
                 state = self._evaluate_pending(run_dir, evaluator, task, state)
                 record = RoundRecord.from_dict(state.history[-1])
                 if bar is not None:
                     bar.advance(record)
                 if on_round is not None:
                     on_round(record)
-            if self._he is None:  # under "he" the sites hold the model already
+            if self._he is None:
                 coordinator.release(round_=state.completed_rounds, model=state.model, sites=names)
+            else:  # the sites hold the model already; those that missed a sum get it now
+                self._he.catch_up(state.history)
+                self._he.prune(state.completed_rounds)
             if bar is not None and state.history:
                 bar.status(RoundRecord.from_dict(state.history[-1]).status_line())
         finally:
@@ -172,7 +177,8 @@ class Federation:
         if outcome.mean_update is not None:
             model = (state.model + outcome.mean_update).astype(np.float32)
         record = RoundRecord(round=round_, metrics=None, cohort=outcome.cohort, survivors=outcome.survivors,
-                             refusals={**behind, **outcome.refusals}, rejected=outcome.rejected, failure=outcome.failure,
+                             refusals={**{s: p for s, p in behind.items() if s not in outcome.survivors},
+                                       **outcome.refusals}, rejected=outcome.rejected, failure=outcome.failure,
                              seconds=time.perf_counter() - tick,
                              bytes_received=recorder.transcript.bytes_received - before)
         if outcome.encrypted is not None:
@@ -195,13 +201,14 @@ class Federation:
         record, model = self._apply_he(*pending, state.model)
         state = RunState(record.round, model, [*state.history, record.to_dict()])
         save_checkpoint(run_dir, state)
+        self._he.prune(state.completed_rounds)
         return state
 
     def _apply_he(self, record: dict[str, Any], aggregate: Any, previous: np.ndarray) -> tuple[RoundRecord, np.ndarray]:
         """Send a round's encrypted sum to the sites; the model is then a site's decrypted copy."""
         model, problems = self._he.release(aggregate)  # type: ignore[union-attr]
         if model is None:
-            record = {**record, "failure": "no site could apply the encrypted sum: "
+            record = {**record, "failure": "no site applied the encrypted sum: "
                                            + "; ".join(f"{s}: {p}" for s, p in sorted(problems.items()))}
             return RoundRecord.from_dict(record), previous
         refusals = {**{s: f"did not acknowledge the sum: {p}" for s, p in problems.items()}, **record["refusals"]}

@@ -1,14 +1,19 @@
-"""The embedded runtime's side of ``aggregation = "he"``: keys at the start, rounds, and the
-researcher's copy of the model.
+"""The embedded runtime's side of ``aggregation = "he"``: keys at the start, rounds, catching up,
+and the researcher's copy of the model.
 
 At the start of a run (and again on resume) the coordinator gets the run's key from the dealer
 site, or reads the public part it kept in ``<run_dir>/he/``, hands every site its sealed copy and
 the public initial model. A round's encrypted sum is written to ``he/sums/`` before it is sent to
-the sites, so a run killed in between finishes that round on resume instead of training it again
-(sites apply a sum once). Sums stay there until every site has acknowledged them: before each
-round, a site that missed one (or whose acknowledgement was lost) is sent what it lacks, in order. The global model is held by the sites; the run directory's
-copy (for the global test set, checkpoints and ``model.pt``) is read from a site's workspace, as
-the researcher of a site would: nothing in the coordinator's hands is ever decrypted.
+the sites, with the majority's signed confirmation once it has one, so a run killed in between
+finishes that round on resume instead of training it again (sites apply a sum once). Sums stay
+until every site acknowledged them and a checkpoint holds their round: before each round, and
+when the run ends, a site that missed one (or whose acknowledgement was lost, or that missed its
+key or the initial model) is sent what it lacks, in order. A site more than ``KEEP_SUMS`` rounds
+behind stays out, reported in each round's record.
+
+The global model is held by the sites; the run directory's copy (for the global test set,
+checkpoints and ``model.pt``) is read from the workspace of a site whose update was in the sum,
+as the researcher of a site would: nothing in the coordinator's hands is ever decrypted.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import numpy as np
 from securefed.errors import ProtocolAbort
 from securefed.federation.coordinator import Coordinator, RoundOutcome
 from securefed.federation.coordinator_he import HECoordinator, HEKeys, request_keys
-from securefed.federation.messages import EncryptedAggregate, decode_federation_message
+from securefed.federation.messages import EncryptedAggregate, SumConfirmation, decode_federation_message
 from securefed.federation.setup import site_workspace
 from securefed.federation.site_he import load_held_model
 from securefed.federation.site_level import SiteLevelDP
@@ -30,14 +35,16 @@ from securefed.federation.transport import Transport
 from securefed.primitives._files import write_atomic
 from securefed.primitives.keys import Roster
 
-__all__ = ["HERun"]
+__all__ = ["HERun", "KEEP_SUMS"]
+
+KEEP_SUMS = 5  # rounds of sums kept for sites that fell behind
 
 
 class HERun:
     def __init__(self, *, config: Any, run_dir: Path, transport: Transport, roster: Roster, names: list[str]) -> None:
         self.config, self.run_dir, self.names = config, run_dir, names
         self.folder = run_dir / "he"
-        self.folder.mkdir(exist_ok=True)
+        (self.folder / "sums").mkdir(parents=True, exist_ok=True)
         keys_file = self.folder / "keys.bin"
         if keys_file.exists():
             keys = HEKeys.decode(keys_file.read_bytes())
@@ -46,70 +53,102 @@ class HERun:
             write_atomic(keys_file, keys.encode(), mode=0o644, overwrite=False)
         self.coordinator = HECoordinator(roster=roster, transport=transport, config=config.he_config(), keys=keys,
                                          min_sites=config.he.min_sites)
-        self.key_problems = self.coordinator.deliver_keys(names)
+        self._initial: np.ndarray | None = None
+        self._plain: Coordinator | None = None
 
     def start(self, plain: Coordinator, initial_model: np.ndarray) -> None:
-        """Send the public initial model to every site (a site that holds a model keeps it)."""
-        plain.release(round_=0, model=initial_model, sites=self.names)
+        """Deliver the key and the public initial model to every site that lacks them."""
+        self._plain, self._initial = plain, initial_model
+        self._join(self.names)
 
+    def _join(self, sites: list[str]) -> dict[str, str]:
+        """Key and initial model for ``sites`` (a site keeps what it already holds)."""
+        if not sites:
+            return {}
+        problems = self.coordinator.deliver_keys(sites)
+        ready = [s for s in sites if s not in problems]
+        assert self._plain is not None and self._initial is not None
+        acknowledged = self._plain.release(round_=0, model=self._initial, sites=ready) if ready else set()
+        acks = self._acks()
+        for site in ready:
+            if site in acknowledged:
+                acks.setdefault(site, 0)
+            else:
+                problems[site] = "it did not acknowledge the initial model"
+        self._save_acks(acks)
+        return problems
+
+    # ------------------------------------------------------------------ kept sums
     @staticmethod
     def model_round(history: list[dict[str, Any]]) -> int:
         """The last round whose sum the sites applied (0: none yet)."""
-        done = [r["round"] for r in history if r.get("failure") is None]
-        return max(done, default=0)
+        return max((r["round"] for r in history if r.get("failure") is None), default=0)
 
-    def _sum_file(self, round_: int) -> Path:
-        return self.folder / "sums" / f"round-{round_:04d}.bin"
+    def _sum_file(self, round_: int, suffix: str = "bin") -> Path:
+        return self.folder / "sums" / f"round-{round_:04d}.{suffix}"
 
-    def _load_sum(self, round_: int) -> EncryptedAggregate | None:
-        path = self._sum_file(round_)
-        if not path.exists():
-            return None
-        aggregate = decode_federation_message(path.read_bytes())
-        if not isinstance(aggregate, EncryptedAggregate) or aggregate.round != round_:
-            raise ProtocolAbort(f"{path} is not round {round_}'s encrypted sum")
-        return aggregate
+    def _load(self, round_: int) -> tuple[EncryptedAggregate | None, SumConfirmation | None]:
+        found: list[Any] = []
+        for suffix, kind in (("bin", EncryptedAggregate), ("confirmed", SumConfirmation)):
+            path = self._sum_file(round_, suffix)
+            message = decode_federation_message(path.read_bytes()) if path.exists() else None
+            if message is not None and (not isinstance(message, kind) or message.round != round_):
+                raise ProtocolAbort(f"{path} is not round {round_}'s {kind.__name__}")
+            found.append(message)
+        return found[0], found[1]
 
     def _acks(self) -> dict[str, int]:
-        """The last round each site acknowledged applying (0: only the initial model)."""
+        """The last round each site acknowledged applying (0: the initial model; absent: none)."""
         path = self.folder / "acknowledged.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
     def _save_acks(self, acks: dict[str, int]) -> None:
         write_atomic(self.folder / "acknowledged.json", json.dumps(acks, indent=1).encode(), mode=0o644, overwrite=True)
+
+    def prune(self, completed_rounds: int) -> None:
+        """Drop sums every site holds (or that are too old to keep) once a checkpoint has them."""
+        acks = self._acks()
         oldest = min((acks.get(name, 0) for name in self.names), default=0)
-        for path in (self.folder / "sums").glob("round-*.bin"):  # every site holds these rounds already
-            if int(path.stem.split("-")[1]) <= oldest:
+        keep_from = min(max(oldest, completed_rounds - KEEP_SUMS), completed_rounds) + 1
+        for path in (self.folder / "sums").glob("round-*"):
+            if int(path.name.split(".")[0].split("-")[1]) < keep_from:
                 path.unlink(missing_ok=True)
 
     def pending(self, completed_rounds: int) -> tuple[dict[str, Any], EncryptedAggregate] | None:
-        """A round summed but perhaps not applied when the run stopped: (its record, its sum)."""
+        """A round summed but not checkpointed when the run stopped: (its record, its sum)."""
         record_file = self.folder / "aggregate.json"
         if not record_file.exists():
             return None
         record = json.loads(record_file.read_text())
         if record["round"] != completed_rounds + 1:
             return None
-        aggregate = self._load_sum(record["round"])
+        aggregate, _ = self._load(record["round"])
         return None if aggregate is None else (record, aggregate)
 
     def catch_up(self, history: list[dict[str, Any]]) -> dict[str, str]:
-        """Send each site the sums it has not acknowledged, oldest first; return who is still
-        behind and why (a site that misses one sum would otherwise sit out every later round)."""
+        """Send each site what it has not acknowledged, oldest first: its key and the initial
+        model, then the confirmed sums. Return who is still behind and why."""
+        behind = {site: f"it has no key or initial model: {why}"
+                  for site, why in self._join([s for s in self.names if s not in self._acks()]).items()}
         applied = sorted(r["round"] for r in history if r.get("failure") is None)
-        acks, behind = self._acks(), {}
+        acks = self._acks()
         for name in self.names:
-            for round_ in (r for r in applied if r > acks.get(name, 0)):
-                aggregate = self._load_sum(round_)
-                problem = "its sum is no longer kept" if aggregate is None else \
-                    self.coordinator.release(aggregate, [name]).get(name)
-                if problem is not None:
-                    behind[name] = f"holds no model after round {round_}: {problem}"
+            if name not in acks:
+                continue
+            for round_ in (r for r in applied if r > acks[name]):
+                aggregate, confirmation = self._load(round_)
+                if aggregate is None or confirmation is None:
+                    behind[name] = f"it holds no model after round {round_}, whose sum is no longer kept"
+                    break
+                problems, _ = self.coordinator.release(aggregate, [name], confirmation)
+                if name in problems:
+                    behind[name] = f"it holds no model after round {round_}: {problems[name]}"
                     break
                 acks[name] = round_
         self._save_acks(acks)
         return behind
 
+    # ------------------------------------------------------------------ a round
     def run_round(self, *, round_: int, protocol_round: int, cohort: list[str], history: list[dict[str, Any]],
                   model_size: int) -> RoundOutcome:
         site_dp = SiteLevelDP.from_config(self.config)
@@ -120,24 +159,27 @@ class HERun:
                                           model_round=self.model_round(history), model_size=model_size)
 
     def keep(self, record: dict[str, Any], aggregate: EncryptedAggregate) -> None:
-        """Write the round's sum to disk before any site applies it."""
-        self._sum_file(aggregate.round).parent.mkdir(exist_ok=True)
+        """Write the round's sum to disk before any site sees it."""
         write_atomic(self._sum_file(aggregate.round), aggregate.encode(), mode=0o644, overwrite=True)
         write_atomic(self.folder / "aggregate.json", json.dumps(record).encode(), mode=0o644, overwrite=True)
 
     def release(self, aggregate: EncryptedAggregate) -> tuple[np.ndarray | None, dict[str, str]]:
-        """Send the sum to every site; return the researcher's copy of the new model (None if no
-        site applied it) and the sites that did not acknowledge it, with why."""
-        problems = self.coordinator.release(aggregate, self.names)
+        """Send the sum to every site and confirm it; return the researcher's copy of the new
+        model (None if no site applied it) and the sites that did not acknowledge it, with why."""
+        _, confirmation = self._load(aggregate.round)  # a resumed release reuses its confirmation
+        problems, confirmation = self.coordinator.release(aggregate, self.names, confirmation)
+        if confirmation is None:
+            self._sum_file(aggregate.round).unlink(missing_ok=True)
+            return None, problems
+        write_atomic(self._sum_file(aggregate.round, "confirmed"), confirmation.encode(), mode=0o644, overwrite=True)
         acks = self._acks()
-        acks.update({name: aggregate.round for name in self.names if name not in problems})
-        model = None
-        for name in self.names:  # acknowledgements can be lost: the workspaces say who applied it
+        acks.update({name: aggregate.round for name in self.names if name not in problems and name in acks})
+        self._save_acks(acks)
+        # Acknowledgements can be lost: the workspaces say who applied it. The copy comes from a
+        # site whose update is in the sum, so it started from the model most sites hold.
+        names = self.coordinator.roster.names
+        for name in [names[i] for i in aggregate.survivors] + self.names:
             held = load_held_model(site_workspace(self.run_dir, name))
             if held is not None and held.round == aggregate.round:
-                model = held.vector
-                break
-        if model is None:
-            self._sum_file(aggregate.round).unlink(missing_ok=True)
-        self._save_acks(acks)
-        return model, problems
+                return held.vector, problems
+        return None, problems

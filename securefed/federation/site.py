@@ -42,6 +42,7 @@ from securefed.federation.messages import (
     KeyDelivery,
     KeyRequest,
     ModelRelease,
+    SumConfirmation,
     PlainUpdate,
     ProtocolRelay,
     RoundStart,
@@ -102,6 +103,7 @@ class FederationSite:
         self._round: int | None = None
         self._site_dp = site_dp
         self.he = he
+        self._vouched: EncryptedAggregate | None = None  # the last sum this site vouched for
         self._site_charge: tuple[Any, Any] | None = None  # (ledger entry, encoder) awaiting its settle
         self.refusals: list[str] = []  # why this site refused or went silent (its own log)
 
@@ -133,7 +135,7 @@ class FederationSite:
                 self.he.store_initial(message.model)
             self._evaluate(message.round, message.model)
             return Acknowledgement(message.round).encode()
-        if self.he is not None and isinstance(message, KeyRequest | KeyDelivery | EncryptedAggregate):
+        if self.he is not None and isinstance(message, KeyRequest | KeyDelivery | EncryptedAggregate | SumConfirmation):
             return self._he_message(message)
         self.refusals.append(f"unexpected {type(message).__name__} from the coordinator")
         return None
@@ -293,7 +295,7 @@ class FederationSite:
         return ProtocolRelay(relay.protocol_round, reply.encode()).encode()
 
     # ------------------------------------------------------------------ homomorphic encryption
-    def _he_message(self, message: KeyRequest | KeyDelivery | EncryptedAggregate) -> bytes:
+    def _he_message(self, message: KeyRequest | KeyDelivery | EncryptedAggregate | SumConfirmation) -> bytes:
         assert self.he is not None
         if isinstance(message, KeyRequest):
             return self.he.deal(message).encode()
@@ -303,15 +305,24 @@ class FederationSite:
             except SecurefedError as exc:
                 return self._refuse(0, f"the HE key delivery was refused: {exc}")
             return Acknowledgement(0).encode()
+        if isinstance(message, EncryptedAggregate):
+            try:
+                receipt = self.he.vouch(message)
+            except SecurefedError as exc:
+                return self._refuse(message.round, f"the encrypted sum was refused: {exc}")
+            self._vouched = message
+            return receipt.encode()
         try:
-            held = self.he.apply(message)
+            held = self.he.confirm(message)
         except SecurefedError as exc:
-            return self._refuse(message.round, f"the encrypted sum was refused: {exc}")
-        # The sum decrypted to a weight of exactly its survivors, this site among them: its noise
-        # and theirs is in it, so the worst-case charge comes down to them.
-        if (self._site_charge is not None and self._round == message.round
-                and self.roster.index(self.name) in message.survivors):
-            self._settle_to(len(set(message.survivors)))
+            return self._refuse(message.round, f"the sum's confirmation was refused: {exc}")
+        # The sum carried the tags of exactly its survivors, this site among them, and a majority
+        # vouched for that one sum: their noise is in it, so the worst-case charge comes down to them.
+        vouched = self._vouched
+        if (self._site_charge is not None and self._round == message.round and vouched is not None
+                and vouched.round == message.round and vouched.digest() == message.digest
+                and self.roster.index(self.name) in vouched.survivors):
+            self._settle_to(len(set(vouched.survivors)))
         self._evaluate(held.round, held.vector)
         return Acknowledgement(message.round).encode()
 
@@ -354,10 +365,10 @@ class FederationSite:
         """Lower the pending worst-case charge to the noise of ``survivors`` sites."""
         charge, encoder = self._site_charge  # type: ignore[misc]
         self._site_charge = None
-        actual = encoder.event(sites=survivors)
-        if actual == charge.event:
-            return
         try:
+            actual = encoder.event(sites=survivors)
+            if actual == charge.event:
+                return
             self._ledger.settle(charge.seq, actual, note=f"{SITE_DP_NOTE}: {survivors} sites' noise in the sum")
         except SecurefedError as exc:  # the worst-case charge stands: over-counting is safe
             self.refusals.append(f"round {self._round}: could not settle the site-level charge: {exc}")

@@ -26,13 +26,21 @@ from typing import Any
 
 import numpy as np
 
-from securefed.errors import ProtocolAbort
-from securefed.federation.messages import EncryptedAggregate, KeyDeal, KeyDelivery, KeyRequest
+from securefed.errors import ProtocolAbort, SecurefedError
+from securefed.federation.messages import (
+    EncryptedAggregate,
+    KeyDeal,
+    KeyDelivery,
+    KeyRequest,
+    SumConfirmation,
+    SumReceipt,
+    sum_statement,
+)
 from securefed.federation.workspace import SiteWorkspace
 from securefed.he.config import HEConfig
 from securefed.he.keys import RUN_ID_SIZE, SealedContext, context_digest, key_id, open_context, seal_context
 from securefed.he.messages import EncryptedUpload, HERoundSetup
-from securefed.he.tags import TagKey, attach_tags, detach_tags, tag_tolerance, tagged_layout
+from securefed.he.tags import TagKey, as_chunks, attach_tags, detach_tags, tag_tolerance, tagged_layout
 from securefed.primitives._files import write_atomic
 from securefed.primitives.keys import Roster, SiteIdentity
 from securefed.serialization import Reader, Writer
@@ -181,12 +189,13 @@ class SiteHE:
 
     # ------------------------------------------------------------------ a round
     def layout(self, model_size: int) -> tuple[int, int]:
-        """(ciphertexts, values on the wire) of one upload: the update, the weight, one tag per
-        ciphertext (:mod:`securefed.he.tags`)."""
+        """(ciphertexts, values on the wire) of one upload: the update, the weight and the tag
+        slots of every ciphertext (:mod:`securefed.he.tags`)."""
         return tagged_layout(self.vector_size(model_size) + 1, self.config.slots)
 
     def _tag_key(self) -> TagKey:
-        return TagKey(self._context_file.read_bytes())
+        bound = max(self.config.clip, self.config.max_weight)
+        return TagKey(self._context_file.read_bytes(), slots=self.config.slots, bound=bound)
 
     def model_tag(self, held: HeldModel) -> bytes:
         """A digest of the held model under a key only the sites have: the coordinator can see
@@ -228,61 +237,116 @@ class SiteHE:
         me = self.roster.index(self.identity.name)
         held = self.held()
         assert held is not None and held.round == setup.model_round
-        clip = self.config.clip
         if self.site_dp is not None:  # ring elements, centred: CKKS sums them exactly
             ring = self.encoder(update.size).encode(update, round_seed=self.rotation_seed(round_), rng=rng)
             values = ring.view(np.int32 if ring.dtype == np.uint32 else np.int64).astype(np.float64)
         else:
-            values = np.clip(np.asarray(update, dtype=np.float64), -clip, clip)
-        chunks, _ = self.layout(update.size)
-        tags = self._tag_key().tags(round_=round_, model_round=setup.model_round, sender=me, chunks=chunks, clip=clip)
-        wire = attach_tags(np.append(values, 1.0), tags, self.config.slots)
-        ciphertexts = tuple(self.codec().encrypt_exact(wire))
+            values = np.clip(np.asarray(update, dtype=np.float64), -self.config.clip, self.config.clip)
+        data = as_chunks(np.append(values, 1.0), self.config.slots)
+        tags = self._tag_key().tag(data, round_=round_, model_round=setup.model_round, sender=me)
+        ciphertexts = tuple(self.codec().encrypt_exact(attach_tags(data, tags)))
         unsigned = EncryptedUpload(setup.round_id, me, setup.context_digest, setup.length, ciphertexts,
                                    model_tag=self.model_tag(held))
         return dataclasses.replace(unsigned, signature=self.identity.sign(unsigned.statement())).encode()
 
-    def apply(self, aggregate: EncryptedAggregate) -> HeldModel:
-        """Check a round's sum and add the survivors' mean to the held model (once per round).
+    # ------------------------------------------------------------------ a round's sum
+    @property
+    def quorum(self) -> int:
+        """Receipts a sum needs before any site applies it: a majority of the roster, so two
+        different sums of one round can never both be applied (each site vouches for one)."""
+        return len(self.roster) // 2 + 1
 
-        The sum must carry exactly the tags of the sites reported in it, for this round and the
-        model round it names, in every ciphertext; otherwise it was altered, relabelled, replayed
-        or made of other uploads, and it is refused (saying nothing about what it decrypts to).
-        """
-        held = self.held()
-        if held is None or held.round not in (aggregate.model_round, aggregate.round):
-            have = "no model" if held is None else f"the model after round {held.round}"
-            raise ProtocolAbort(f"round {aggregate.round}'s sum applies to the model after round "
-                                f"{aggregate.model_round}; this site holds {have}")
+    def _receipts(self) -> dict[str, str]:
+        path = self.workspace.root / "he-receipts.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _decrypt_checked(self, aggregate: EncryptedAggregate, held: HeldModel) -> HeldModel:
+        """The model after ``aggregate``, if it is an honest sum of the sites it names for this
+        round, from the model this site holds; ProtocolAbort (saying nothing of what it
+        decrypted to) if not."""
         survivors = sorted(set(aggregate.survivors))
         if len(survivors) != len(aggregate.survivors) or len(survivors) < self.min_sites:
             raise ProtocolAbort(f"a sum of {len(survivors)} distinct sites is below min_sites = {self.min_sites}")
         if any(not 0 <= i < len(self.roster) for i in survivors) or aggregate.round <= aggregate.model_round:
             raise ProtocolAbort("the sum names sites outside the roster, or a round not after its model round")
-        model_size = held.vector.size
-        chunks, wire = self.layout(model_size)
+        if self.site_dp is not None and len(survivors) > self.cohort:
+            raise ProtocolAbort(f"the sum names {len(survivors)} sites; rounds have at most {self.cohort}")
+        base = held if held.round == aggregate.model_round else None
+        if base is None or self.model_tag(base) != aggregate.model_tag:
+            raise ProtocolAbort(f"round {aggregate.round}'s sum applies to another model than the one this site "
+                                f"holds (the model after round {held.round}); it is out of step")
+        chunks, wire = self.layout(base.vector.size)
         if len(aggregate.ciphertexts) != chunks:
             raise ProtocolAbort(f"the sum has {len(aggregate.ciphertexts)} ciphertexts; this model's has {chunks}")
-        size = self.vector_size(model_size)
-        values, tags = detach_tags(self.codec().decrypt(aggregate.ciphertexts, length=wire), size + 1,
-                                   self.config.slots)
-        expected = self._tag_key().expected(round_=aggregate.round, model_round=aggregate.model_round,
-                                            senders=survivors, chunks=chunks, clip=self.config.clip)
-        tolerance = tag_tolerance(scale_bits=self.config.scale_bits, max_sites=self.config.max_sites)
-        if not np.all(np.abs(tags - expected) <= tolerance) or abs(values[-1] - len(survivors)) > WEIGHT_TOLERANCE:
+        data, tags = detach_tags(self.codec().decrypt(aggregate.ciphertexts, length=wire), self.config.slots)
+        residual = self._tag_key().residual(data, tags, round_=aggregate.round, model_round=aggregate.model_round,
+                                            senders=survivors)
+        values = data.reshape(-1)[:self.vector_size(base.vector.size) + 1]
+        if residual > tag_tolerance(scale_bits=self.config.scale_bits, max_sites=self.config.max_sites) \
+                or abs(values[-1] - len(survivors)) > WEIGHT_TOLERANCE:
             raise ProtocolAbort("the sum does not carry the tags of the sites reported in it for this round: it was "
                                 "altered, relabelled, replayed or made of other uploads")
-        if held.round == aggregate.round:
-            return held  # applied already (the coordinator sends it again after a restart)
         total = values[:-1]
         if self.site_dp is not None:  # the exact modular sum of the noised encodings, decoded
-            encoder = self.encoder(model_size)
+            encoder = self.encoder(base.vector.size)
             ring = np.rint(total).astype(np.int64).astype(np.uint64).astype(encoder.dtype)
             total = encoder.decode(ring, round_seed=self.rotation_seed(aggregate.round))
         mean = total / len(survivors)
         if not np.isfinite(mean).all():
             raise ProtocolAbort("the decrypted sum holds non-finite values")
-        # Rounded to float32 as it is stored: the low bits of a CKKS decryption are never kept.
-        updated = HeldModel(aggregate.round, (held.vector.astype(np.float64) + mean).astype(np.float32))
-        write_atomic(model_file(self.workspace), updated.encode(), mode=0o600, overwrite=True)
-        return updated
+        # Rounded to float32 as it is kept: the low bits of a CKKS decryption never leave it.
+        return HeldModel(aggregate.round, (base.vector.astype(np.float64) + mean).astype(np.float32))
+
+    def vouch(self, aggregate: EncryptedAggregate) -> SumReceipt:
+        """Check a round's sum and sign a receipt for it; the new model waits for confirmation.
+        A site vouches for one sum per round (recorded before it signs)."""
+        digest = aggregate.digest()
+        receipts = self._receipts()
+        earlier = receipts.get(str(aggregate.round))
+        if earlier is not None and earlier != digest.hex():
+            raise ProtocolAbort(f"this site already vouched for another sum of round {aggregate.round}")
+        held = self.held()
+        if held is None:
+            raise ProtocolAbort("this site holds no model yet")
+        if held.round != aggregate.round:  # not applied yet: check it and keep the result for the confirmation
+            pending = self._decrypt_checked(aggregate, held)
+            write_atomic(self._pending_file, pending.encode(), mode=0o600, overwrite=True)
+        elif earlier is None:
+            raise ProtocolAbort(f"this site holds round {aggregate.round}'s model from another sum")
+        if earlier is None:
+            receipts = {k: v for k, v in receipts.items() if int(k) > aggregate.round - 50}  # a bounded record
+            receipts[str(aggregate.round)] = digest.hex()
+            write_atomic(self.workspace.root / "he-receipts.json", json.dumps(receipts).encode(), mode=0o600,
+                         overwrite=True)
+        return SumReceipt(aggregate.round, digest, self.identity.sign(sum_statement(aggregate.round, digest)))
+
+    @property
+    def _pending_file(self) -> Any:
+        return self.workspace.root / "pending-model.bin"
+
+    def confirm(self, confirmation: SumConfirmation) -> HeldModel:
+        """Apply the sum this site vouched for once a majority of the roster vouched for it too."""
+        held = self.held()
+        if held is not None and held.round == confirmation.round:
+            return held
+        if self._receipts().get(str(confirmation.round)) != confirmation.digest.hex():
+            raise ProtocolAbort(f"the confirmation is for a sum of round {confirmation.round} this site did not "
+                                "vouch for")
+        statement = sum_statement(confirmation.round, confirmation.digest)
+        valid = 0
+        for index, signature in confirmation.signatures.items():
+            if 0 <= index < len(self.roster):
+                try:
+                    self.roster[self.roster.names[index]].verify(statement, signature)
+                    valid += 1
+                except SecurefedError:
+                    continue
+        if valid < self.quorum:
+            raise ProtocolAbort(f"{valid} sites vouched for round {confirmation.round}'s sum; a majority of the "
+                                f"roster ({self.quorum}) must before any site applies it")
+        pending = HeldModel.decode(self._pending_file.read_bytes()) if self._pending_file.exists() else None
+        if pending is None or pending.round != confirmation.round:
+            raise ProtocolAbort(f"this site has no checked sum of round {confirmation.round} waiting")
+        write_atomic(model_file(self.workspace), pending.encode(), mode=0o600, overwrite=True)
+        self._pending_file.unlink(missing_ok=True)
+        return pending

@@ -28,6 +28,7 @@ class EncryptedTotal:
     survivors: frozenset[int]
     ciphertexts: tuple[bytes, ...]
     rejected: dict[int, str]
+    model_tag: bytes = bytes(32)  # the model tag the survivors' uploads share
 
 
 class HEAggregator:
@@ -86,7 +87,8 @@ class HEAggregator:
         while len(accepted) >= self.minimum:
             try:
                 total = add([u.ciphertexts for u in accepted.values()])
-                return EncryptedTotal(self.round_id, frozenset(accepted), tuple(total), dict(self.rejected))
+                return EncryptedTotal(self.round_id, frozenset(accepted), tuple(total), dict(self.rejected),
+                                      next(iter(accepted.values())).model_tag)
             except MalformedMessageError:
                 culprit = self._find_unparsable(accepted, add)
                 self.rejected[culprit] = "its ciphertexts are not valid under the federation's context"

@@ -71,7 +71,7 @@ def test_each_kind_of_data_split_and_aggregation_runs_end_to_end(tmp_path, case)
         assert summary["coordinator"]["plaintext_updates_received"] == 4  # the baseline is in the clear
     if case.startswith("he-"):  # only sealed keys, signed ciphertexts and acknowledgements came in
         received = summary["coordinator"]["received_by_kind"]
-        assert set(received) == {"KeyDeal", "ProtocolRelay/EncryptedUpload", "Acknowledgement"}, received
+        assert set(received) == {"KeyDeal", "ProtocolRelay/EncryptedUpload", "SumReceipt", "Acknowledgement"}, received
         assert received["ProtocolRelay/EncryptedUpload"]["messages"] == 2 * len(summary["sites"])
 
 

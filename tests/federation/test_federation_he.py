@@ -7,26 +7,30 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from securefed.errors import DecryptionError, InvalidSignatureError, ProtocolAbort
+from securefed.errors import ConfigError, DecryptionError, InvalidSignatureError, ProtocolAbort
 from securefed.federation import Federation, parse_config
+from securefed.federation.config import validate
 from securefed.federation.coordinator_he import HEKeys
 from securefed.federation.messages import (
     EncryptedAggregate,
-    SiteRefusal,
     KeyDelivery,
     PlainUpdate,
     ProtocolRelay,
+    SiteRefusal,
+    SumConfirmation,
     decode_federation_message,
 )
 from securefed.federation.setup import site_workspace
 from securefed.federation.site import FederationSite
-from securefed.federation.site_he import SiteHE, load_held_model
+from securefed.federation.site_he import HeldModel, SiteHE, load_held_model
 from securefed.federation.site_level import SiteLevelDP
+from securefed.federation.workspace import SiteWorkspace
 from securefed.he.keys import SealedContext
 from securefed.he.messages import EncryptedUpload, HERoundSetup
 from securefed.he.tenseal_ckks import CKKSCodec
@@ -96,7 +100,7 @@ def test_the_coordinator_never_sees_a_plaintext_update_or_model_and_cannot_decry
             assert all(p in plain_bytes for p in pieces)
         assert not any(p in he_bytes for p in pieces)
     received = {e.kind for e in he_entries if e.direction == "received"}
-    assert received == {"KeyDeal", "ProtocolRelay/EncryptedUpload", "Acknowledgement"}
+    assert received == {"KeyDeal", "ProtocolRelay/EncryptedUpload", "SumReceipt", "Acknowledgement"}
     sent_models = [decode_federation_message(e.data) for e in he_entries if e.kind in ("RoundStart", "ModelRelease")]
     assert all(m.model.size == 0 for m in sent_models if type(m).__name__ == "RoundStart")
     assert all(m.round == 0 for m in sent_models if type(m).__name__ == "ModelRelease")  # the public initial model
@@ -182,37 +186,67 @@ def finished_run(tmp_path_factory):
                for e in result.coordinator_transcript.received() if e.kind == "ProtocolRelay/EncryptedUpload"}
     aggregates = [decode_federation_message(e.data) for e in result.coordinator_transcript.entries
                   if e.kind == "EncryptedAggregate" and e.site == "site-1"]
-    return run_dir, config, uploads, aggregates
+    initial = next(decode_federation_message(e.data).model for e in result.coordinator_transcript.entries
+                   if e.kind == "ModelRelease")
+    return run_dir, config, uploads, aggregates, initial
+
+
+def _site_before_the_sum(run_dir: Path, config, initial: np.ndarray, name: str) -> SiteHE:
+    """A copy of a site as it was before round 1's sum: the initial model, nothing vouched for."""
+    copy = run_dir.parent / f"before-{name}"
+    if not copy.exists():
+        shutil.copytree(run_dir / "sites" / name, copy)
+        (copy / "he-receipts.json").unlink()
+        (copy / "global-model.bin").write_bytes(HeldModel(0, initial).encode())
+    site = _site_he(run_dir, config, name)
+    site.workspace = SiteWorkspace(copy)
+    return site
+
+
+def _add_plain(codec: CKKSCodec, ciphertext: bytes, offsets: np.ndarray) -> bytes:
+    """What anyone holding the public context can do: add a plaintext of its choice."""
+    import tenseal.sealapi as sa
+
+    loaded = codec.load(ciphertext)
+    plain = sa.Plaintext()
+    codec._encoder.encode(list(offsets), codec.config.scale, plain)
+    codec._evaluator.mod_switch_to_inplace(plain, loaded.parms_id())
+    codec._evaluator.add_plain_inplace(loaded, plain)
+    return codec._scratch.save(loaded)
 
 
 def test_a_site_refuses_sums_the_coordinator_makes_up_and_says_nothing_of_what_they_hold(finished_run):
-    run_dir, config, uploads, aggregates = finished_run
+    run_dir, config, uploads, aggregates, initial = finished_run
     site = _site_he(run_dir, config, "site-1")
+    before = _site_before_the_sum(run_dir, config, initial, "site-1")
     held = site.held()
     keys = HEKeys.decode((run_dir / "he" / "keys.bin").read_bytes())
     coordinator = CKKSCodec(config.he_config(), keys.public_context)
     honest = aggregates[0]
     assert honest.round == 1 and honest.survivors == (0, 1, 2)
     two = uploads["site-2"].ciphertexts
+    offset = np.zeros(config.he_config().slots)
+    offset[:40] = 0.01  # a nudge to the first weights; the tag slots untouched
     attacks = {
-        "min_sites": EncryptedAggregate(2, 1, (1,), two),
+        "min_sites": dataclasses.replace(honest, survivors=(1,), ciphertexts=two),
         # site-2's update counted three times, passed off as everyone's: weight and count agree
-        "tags": EncryptedAggregate(2, 1, (0, 1, 2), tuple(coordinator.add([two, two, two]))),
-        "tags ": EncryptedAggregate(2, 1, (0, 1, 2), honest.ciphertexts),  # round 1's sum replayed as round 2
-        "tags  ": EncryptedAggregate(1, 0, (0, 1), honest.ciphertexts),  # the sum, one survivor left out
-        "model after round 0": EncryptedAggregate(3, 0, (0, 1, 2), honest.ciphertexts),
+        "tags": dataclasses.replace(honest, ciphertexts=tuple(coordinator.add([two] * 3))),
+        "tags ": dataclasses.replace(honest, survivors=(0, 1)),  # the sum, one survivor left out
+        "tags  ": dataclasses.replace(honest, ciphertexts=(_add_plain(coordinator, honest.ciphertexts[0], offset),)),
+        "another model": dataclasses.replace(honest, round=2, model_round=1),  # round 1's sum replayed as round 2
     }
     for fragment, aggregate in attacks.items():
         with pytest.raises(ProtocolAbort, match=fragment.strip()):
-            site.apply(aggregate)
+            (site if aggregate.round == 2 else before).vouch(aggregate)
+    assert before.vouch(honest).digest == honest.digest()  # the honest sum passes the same checks
     assert site.held().round == 1 and np.array_equal(site.held().vector, held.vector)  # nothing applied
-    assert site.apply(honest).round == 1  # the real sum again: acknowledged, not applied twice
-    assert np.array_equal(site.held().vector, held.vector)
+    receipt = site.vouch(honest)  # the real sum again: vouched for again, not applied twice
+    assert receipt.digest == honest.digest() and site.held().round == 1
     # Through the site's front door: the refusal names no decrypted value.
     front = FederationSite(identity=site.identity, roster=site.roster, aggregation="he", policy=config.secagg_config(),
                            workspace=site.workspace, learner=lambda: None, validation=None, rng=SeededRandom(b"x"),
                            he=site)
-    reply = decode_federation_message(front.handle(attacks["tags"].encode()))
+    reply = decode_federation_message(front.handle(dataclasses.replace(attacks["tags"], round=2, model_round=1).encode()))
     assert isinstance(reply, SiteRefusal) and not re.search(r"\d\.\d", reply.reason)
 
 
@@ -428,5 +462,72 @@ def test_a_site_sent_a_different_initial_model_is_kept_out_of_the_sums(tmp_path)
             return transport, sites
 
     result = Skewed(_config(rounds=2), run_dir=tmp_path / "run").run()
-    for record in result.rounds:
-        assert record.survivors == ("site-1", "site-2") and "different model" in record.rejected["site-3"]
+    assert [r.survivors for r in result.rounds] == [("site-1", "site-2")] * 2
+    assert "different model" in result.rounds[0].rejected["site-3"]
+    assert "out of step" in result.rounds[0].refusals["site-3"]  # and it does not apply the others' sum
+    assert load_held_model(site_workspace(tmp_path / "run", "site-3")).round == 0
+
+
+def test_two_different_sums_of_one_round_can_never_both_be_applied(finished_run):
+    """A coordinator showing sites different (each honestly tagged) subset sums gets at most one
+    of them confirmed: every site vouches for one sum per round, and applying needs a majority."""
+    run_dir, config, uploads, aggregates, initial = finished_run
+    keys = HEKeys.decode((run_dir / "he" / "keys.bin").read_bytes())
+    coordinator = CKKSCodec(config.he_config(), keys.public_context)
+    everyone = aggregates[0]
+    without_3 = dataclasses.replace(everyone, survivors=(0, 1), ciphertexts=tuple(coordinator.add(
+        [uploads["site-1"].ciphertexts, uploads["site-2"].ciphertexts])))
+    sites = {name: _site_before_the_sum(run_dir, config, initial, name) for name in ("site-1", "site-2", "site-3")}
+    for site in sites.values():  # each copy starts clean
+        (site.workspace.root / "he-receipts.json").unlink(missing_ok=True)
+        (site.workspace.root / "global-model.bin").write_bytes(HeldModel(0, initial).encode())
+    receipt_1 = sites["site-1"].vouch(without_3)
+    receipts = {name: sites[name].vouch(everyone) for name in ("site-2", "site-3")}
+    with pytest.raises(ProtocolAbort, match="already vouched"):
+        sites["site-1"].vouch(everyone)
+    with pytest.raises(ProtocolAbort, match="a majority"):
+        sites["site-1"].confirm(SumConfirmation(1, without_3.digest(), {0: receipt_1.signature}))
+    with pytest.raises(ProtocolAbort, match="did not vouch"):
+        sites["site-1"].confirm(SumConfirmation(1, everyone.digest(), {1: receipts["site-2"].signature,
+                                                                      2: receipts["site-3"].signature}))
+    forged = {0: receipt_1.signature, 1: receipt_1.signature}  # site-1's signature passed off as site-2's
+    with pytest.raises(ProtocolAbort, match="a majority"):
+        sites["site-1"].confirm(SumConfirmation(1, without_3.digest(), forged))
+    confirmation = SumConfirmation(1, everyone.digest(), {1: receipts["site-2"].signature,
+                                                         2: receipts["site-3"].signature})
+    assert sites["site-2"].confirm(confirmation).round == 1 and sites["site-1"].held().round == 0
+
+
+def test_a_run_killed_after_the_sites_applied_a_sum_but_before_its_checkpoint_resumes(tmp_path, monkeypatch):
+    import securefed.federation.runtime as runtime
+
+    reference = Federation(_config(), run_dir=tmp_path / "reference").run()
+    saves: list[int] = []
+    original = runtime.save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def dies_before_round_two_is_saved(run_dir, state):
+        saves.append(state.completed_rounds)
+        if state.completed_rounds == 2 and saves.count(2) == 1:
+            raise Killed()
+        return original(run_dir, state)
+
+    monkeypatch.setattr(runtime, "save_checkpoint", dies_before_round_two_is_saved)
+    run_dir = tmp_path / "run"
+    with pytest.raises(Killed):
+        Federation(_config(), run_dir=run_dir).run()
+    assert all(load_held_model(site_workspace(run_dir, s)).round == 2 for s in ("site-1", "site-2", "site-3"))
+    resumed = Federation.resume(run_dir).run()
+    assert [(r.round, r.failure) for r in resumed.rounds] == [(1, None), (2, None)]
+    np.testing.assert_allclose(resumed.model, reference.model, rtol=0, atol=1e-6)
+    for name in resumed.sites:
+        assert _charges(run_dir, name) == ["round-1", "round-2"]
+    assert not list((run_dir / "he" / "sums").iterdir())  # checkpointed and held everywhere: dropped
+
+
+def test_a_scale_too_coarse_for_the_sites_to_check_sums_is_refused():
+    with pytest.raises(ConfigError, match="scale_bits >= 37"):
+        validate(parse_config({"federation": {"aggregation": "he", "sites": 10}, "he": {"scale_bits": 30}}))
+    validate(parse_config({"federation": {"aggregation": "he", "sites": 10}, "he": {"scale_bits": 40}}))
