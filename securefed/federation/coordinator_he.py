@@ -11,7 +11,7 @@ that drop, refuse or send what does not verify are left out and reported.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -174,11 +174,13 @@ class HECoordinator:
         return len(self.roster) // 2 + 1
 
     def release(self, aggregate: EncryptedAggregate, sites: Sequence[str],
-                confirmation: SumConfirmation | None = None) -> tuple[dict[str, str], SumConfirmation | None]:
+                confirmation: SumConfirmation | None = None,
+                keep: Callable[[SumConfirmation], None] | None = None) -> tuple[dict[str, str], SumConfirmation | None]:
         """Send a round's encrypted sum to ``sites``, collect their signed receipts and, once a
         majority of the roster vouched for it (or with the ``confirmation`` of an earlier
-        release, for sites catching up), confirm it. Return the sites that did not apply it, with
-        why, and the confirmation (None if the sum was not confirmed)."""
+        release, for sites catching up), confirm it; a new confirmation is handed to ``keep``
+        before any site sees it. Return the sites that did not apply it, with why, and the
+        confirmation (None if the sum was not confirmed)."""
         digest, statement = aggregate.digest(), sum_statement(aggregate.round, aggregate.digest())
         replies = self.transport.exchange({s: aggregate.encode() for s in sites})
         signatures, problems = {}, {}
@@ -201,6 +203,8 @@ class HECoordinator:
                                              f"{self.quorum} (a majority) are needed")
                 return missing, None
             confirmation = SumConfirmation(aggregate.round, digest, signatures)
+            if keep is not None:  # on disk first: a confirmed sum is never taken for a failed one
+                keep(confirmation)
         vouched = [s for s in sites if self.roster.index(s) in signatures]
         acks = self.transport.exchange({s: confirmation.encode() for s in vouched}) if vouched else {}
         for site in vouched:

@@ -167,11 +167,14 @@ class HERun:
         """Send the sum to every site and confirm it; return the researcher's copy of the new
         model (None if no site applied it) and the sites that did not acknowledge it, with why."""
         _, confirmation = self._load(aggregate.round)  # a resumed release reuses its confirmation
-        problems, confirmation = self.coordinator.release(aggregate, self.names, confirmation)
-        if confirmation is None:
+
+        def keep(confirmed: SumConfirmation) -> None:
+            write_atomic(self._sum_file(aggregate.round, "confirmed"), confirmed.encode(), mode=0o644, overwrite=True)
+
+        problems, confirmation = self.coordinator.release(aggregate, self.names, confirmation, keep=keep)
+        if confirmation is None:  # never confirmed, so no site decrypted it
             self._sum_file(aggregate.round).unlink(missing_ok=True)
             return None, problems
-        write_atomic(self._sum_file(aggregate.round, "confirmed"), confirmation.encode(), mode=0o644, overwrite=True)
         acks = self._acks()
         acks.update({name: aggregate.round for name in self.names if name not in problems and name in acks})
         self._save_acks(acks)

@@ -103,7 +103,6 @@ class FederationSite:
         self._round: int | None = None
         self._site_dp = site_dp
         self.he = he
-        self._vouched: EncryptedAggregate | None = None  # the last sum this site vouched for
         self._site_charge: tuple[Any, Any] | None = None  # (ledger entry, encoder) awaiting its settle
         self.refusals: list[str] = []  # why this site refused or went silent (its own log)
 
@@ -310,19 +309,16 @@ class FederationSite:
                 receipt = self.he.vouch(message)
             except SecurefedError as exc:
                 return self._refuse(message.round, f"the encrypted sum was refused: {exc}")
-            self._vouched = message
             return receipt.encode()
         try:
-            held = self.he.confirm(message)
+            held, applied = self.he.confirm(message)
         except SecurefedError as exc:
             return self._refuse(message.round, f"the sum's confirmation was refused: {exc}")
-        # The sum carried the tags of exactly its survivors, this site among them, and a majority
-        # vouched for that one sum: their noise is in it, so the worst-case charge comes down to them.
-        vouched = self._vouched
-        if (self._site_charge is not None and self._round == message.round and vouched is not None
-                and vouched.round == message.round and vouched.digest() == message.digest
-                and self.roster.index(self.name) in vouched.survivors):
-            self._settle_to(len(set(vouched.survivors)))
+        # A majority vouched for this one sum and it carried the tags of exactly its survivors,
+        # this site among them: their noise is in it, so the worst-case charge comes down to them.
+        if (applied is not None and self._site_charge is not None and self._round == message.round
+                and self.roster.index(self.name) in applied.survivors):
+            self._settle_to(len(set(applied.survivors)))
         self._evaluate(held.round, held.vector)
         return Acknowledgement(message.round).encode()
 

@@ -34,6 +34,7 @@ from securefed.federation.messages import (
     KeyRequest,
     SumConfirmation,
     SumReceipt,
+    decode_federation_message,
     sum_statement,
 )
 from securefed.federation.workspace import SiteWorkspace
@@ -250,88 +251,78 @@ class SiteHE:
         return dataclasses.replace(unsigned, signature=self.identity.sign(unsigned.statement())).encode()
 
     # ------------------------------------------------------------------ a round's sum
+    # A sum is vouched for before it is decrypted, and decrypted only once a majority of the
+    # roster vouched for the same one: each site vouches for one sum per round, so at most one
+    # sum of a round is ever decrypted anywhere, and a coordinator gets one try per round.
     @property
     def quorum(self) -> int:
-        """Receipts a sum needs before any site applies it: a majority of the roster, so two
-        different sums of one round can never both be applied (each site vouches for one)."""
+        """Receipts a sum needs before any site decrypts it: a majority of the roster."""
         return len(self.roster) // 2 + 1
+
+    @property
+    def _pending_file(self) -> Any:
+        return self.workspace.root / "pending-sum.bin"
 
     def _receipts(self) -> dict[str, str]:
         path = self.workspace.root / "he-receipts.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def _decrypt_checked(self, aggregate: EncryptedAggregate, held: HeldModel) -> HeldModel:
-        """The model after ``aggregate``, if it is an honest sum of the sites it names for this
-        round, from the model this site holds; ProtocolAbort (saying nothing of what it
-        decrypted to) if not."""
-        survivors = sorted(set(aggregate.survivors))
+    def _save_receipts(self, receipts: dict[str, str], held_round: int) -> None:
+        # Rounds below the held model's can never be vouched for again (a sum must start from
+        # the model a site holds and be of a later round): only those records may go.
+        kept = {k: v for k, v in receipts.items() if int(k) >= held_round}
+        write_atomic(self.workspace.root / "he-receipts.json", json.dumps(kept).encode(), mode=0o600, overwrite=True)
+
+    def _sum_problem(self, aggregate: EncryptedAggregate, held: HeldModel) -> str | None:
+        """Why this site will not vouch for ``aggregate`` (checked without decrypting it)."""
+        survivors = set(aggregate.survivors)
         if len(survivors) != len(aggregate.survivors) or len(survivors) < self.min_sites:
-            raise ProtocolAbort(f"a sum of {len(survivors)} distinct sites is below min_sites = {self.min_sites}")
-        if any(not 0 <= i < len(self.roster) for i in survivors) or aggregate.round <= aggregate.model_round:
-            raise ProtocolAbort("the sum names sites outside the roster, or a round not after its model round")
+            return f"a sum of {len(survivors)} distinct sites is below min_sites = {self.min_sites}"
+        if any(not 0 <= i < len(self.roster) for i in survivors):
+            return "the sum names sites outside the roster"
         if self.site_dp is not None and len(survivors) > self.cohort:
-            raise ProtocolAbort(f"the sum names {len(survivors)} sites; rounds have at most {self.cohort}")
-        base = held if held.round == aggregate.model_round else None
-        if base is None or self.model_tag(base) != aggregate.model_tag:
-            raise ProtocolAbort(f"round {aggregate.round}'s sum applies to another model than the one this site "
-                                f"holds (the model after round {held.round}); it is out of step")
-        chunks, wire = self.layout(base.vector.size)
+            return f"the sum names {len(survivors)} sites; rounds have at most {self.cohort}"
+        if aggregate.model_round != held.round or self.model_tag(held) != aggregate.model_tag:
+            return (f"round {aggregate.round}'s sum applies to another model than the one this site holds (the "
+                    f"model after round {held.round}); it is out of step")
+        chunks, _ = self.layout(held.vector.size)
         if len(aggregate.ciphertexts) != chunks:
-            raise ProtocolAbort(f"the sum has {len(aggregate.ciphertexts)} ciphertexts; this model's has {chunks}")
-        data, tags = detach_tags(self.codec().decrypt(aggregate.ciphertexts, length=wire), self.config.slots)
-        residual = self._tag_key().residual(data, tags, round_=aggregate.round, model_round=aggregate.model_round,
-                                            senders=survivors)
-        values = data.reshape(-1)[:self.vector_size(base.vector.size) + 1]
-        if residual > tag_tolerance(scale_bits=self.config.scale_bits, max_sites=self.config.max_sites) \
-                or abs(values[-1] - len(survivors)) > WEIGHT_TOLERANCE:
-            raise ProtocolAbort("the sum does not carry the tags of the sites reported in it for this round: it was "
-                                "altered, relabelled, replayed or made of other uploads")
-        total = values[:-1]
-        if self.site_dp is not None:  # the exact modular sum of the noised encodings, decoded
-            encoder = self.encoder(base.vector.size)
-            ring = np.rint(total).astype(np.int64).astype(np.uint64).astype(encoder.dtype)
-            total = encoder.decode(ring, round_seed=self.rotation_seed(aggregate.round))
-        mean = total / len(survivors)
-        if not np.isfinite(mean).all():
-            raise ProtocolAbort("the decrypted sum holds non-finite values")
-        # Rounded to float32 as it is kept: the low bits of a CKKS decryption never leave it.
-        return HeldModel(aggregate.round, (base.vector.astype(np.float64) + mean).astype(np.float32))
+            return f"the sum has {len(aggregate.ciphertexts)} ciphertexts; this model's has {chunks}"
+        return None
 
     def vouch(self, aggregate: EncryptedAggregate) -> SumReceipt:
-        """Check a round's sum and sign a receipt for it; the new model waits for confirmation.
-        A site vouches for one sum per round (recorded before it signs)."""
+        """Sign a receipt for a round's sum (the one sum of that round this site vouches for,
+        recorded before it signs) and keep the sum until it is confirmed."""
+        held = self.held()
+        if held is None:
+            raise ProtocolAbort("this site holds no model yet")
         digest = aggregate.digest()
         receipts = self._receipts()
         earlier = receipts.get(str(aggregate.round))
         if earlier is not None and earlier != digest.hex():
             raise ProtocolAbort(f"this site already vouched for another sum of round {aggregate.round}")
-        held = self.held()
-        if held is None:
-            raise ProtocolAbort("this site holds no model yet")
-        if held.round != aggregate.round:  # not applied yet: check it and keep the result for the confirmation
-            pending = self._decrypt_checked(aggregate, held)
-            write_atomic(self._pending_file, pending.encode(), mode=0o600, overwrite=True)
-        elif earlier is None:
-            raise ProtocolAbort(f"this site holds round {aggregate.round}'s model from another sum")
         if earlier is None:
-            receipts = {k: v for k, v in receipts.items() if int(k) > aggregate.round - 50}  # a bounded record
+            if aggregate.round <= held.round:
+                raise ProtocolAbort(f"this site is past round {aggregate.round}")
+            problem = self._sum_problem(aggregate, held)
+            if problem is not None:
+                raise ProtocolAbort(problem)
             receipts[str(aggregate.round)] = digest.hex()
-            write_atomic(self.workspace.root / "he-receipts.json", json.dumps(receipts).encode(), mode=0o600,
-                         overwrite=True)
+            self._save_receipts(receipts, held.round)
+        if held.round < aggregate.round:
+            write_atomic(self._pending_file, aggregate.encode(), mode=0o600, overwrite=True)
         return SumReceipt(aggregate.round, digest, self.identity.sign(sum_statement(aggregate.round, digest)))
 
-    @property
-    def _pending_file(self) -> Any:
-        return self.workspace.root / "pending-model.bin"
-
-    def confirm(self, confirmation: SumConfirmation) -> HeldModel:
-        """Apply the sum this site vouched for once a majority of the roster vouched for it too."""
-        held = self.held()
-        if held is not None and held.round == confirmation.round:
-            return held
+    def confirm(self, confirmation: SumConfirmation) -> tuple[HeldModel, EncryptedAggregate | None]:
+        """Decrypt and apply the sum this site vouched for, once a majority of the roster vouched
+        for it too: (the model now held, the sum applied; None if it was applied before)."""
         if self._receipts().get(str(confirmation.round)) != confirmation.digest.hex():
             raise ProtocolAbort(f"the confirmation is for a sum of round {confirmation.round} this site did not "
                                 "vouch for")
+        held = self.held()
+        assert held is not None  # a receipt needs a held model
+        if held.round == confirmation.round:
+            return held, None
         statement = sum_statement(confirmation.round, confirmation.digest)
         valid = 0
         for index, signature in confirmation.signatures.items():
@@ -343,10 +334,41 @@ class SiteHE:
                     continue
         if valid < self.quorum:
             raise ProtocolAbort(f"{valid} sites vouched for round {confirmation.round}'s sum; a majority of the "
-                                f"roster ({self.quorum}) must before any site applies it")
-        pending = HeldModel.decode(self._pending_file.read_bytes()) if self._pending_file.exists() else None
-        if pending is None or pending.round != confirmation.round:
-            raise ProtocolAbort(f"this site has no checked sum of round {confirmation.round} waiting")
-        write_atomic(model_file(self.workspace), pending.encode(), mode=0o600, overwrite=True)
+                                f"roster ({self.quorum}) must before any site decrypts it")
+        aggregate = None
+        if self._pending_file.exists():
+            aggregate = decode_federation_message(self._pending_file.read_bytes())
+        if not isinstance(aggregate, EncryptedAggregate) or aggregate.digest() != confirmation.digest:
+            raise ProtocolAbort(f"this site keeps no sum of round {confirmation.round} to apply; send it again")
+        updated = self._decrypt_checked(aggregate, held)
+        write_atomic(model_file(self.workspace), updated.encode(), mode=0o600, overwrite=True)
         self._pending_file.unlink(missing_ok=True)
-        return pending
+        self._save_receipts(self._receipts(), updated.round)
+        return updated, aggregate
+
+    def _decrypt_checked(self, aggregate: EncryptedAggregate, held: HeldModel) -> HeldModel:
+        """The model after ``aggregate`` if it is an honest sum of the sites it names for this
+        round; ProtocolAbort, saying nothing of what it decrypted to, if not."""
+        problem = self._sum_problem(aggregate, held)
+        if problem is not None:
+            raise ProtocolAbort(problem)
+        survivors = sorted(aggregate.survivors)
+        _, wire = self.layout(held.vector.size)
+        data, tags = detach_tags(self.codec().decrypt(aggregate.ciphertexts, length=wire), self.config.slots)
+        residual = self._tag_key().residual(data, tags, round_=aggregate.round, model_round=aggregate.model_round,
+                                            senders=survivors)
+        values = data.reshape(-1)[:self.vector_size(held.vector.size) + 1]
+        if residual > tag_tolerance(scale_bits=self.config.scale_bits, max_sites=self.config.max_sites) \
+                or abs(values[-1] - len(survivors)) > WEIGHT_TOLERANCE:
+            raise ProtocolAbort("the sum does not carry the tags of the sites reported in it for this round: it was "
+                                "altered, relabelled, replayed or made of other uploads")
+        total = values[:-1]
+        if self.site_dp is not None:  # the exact modular sum of the noised encodings, decoded
+            encoder = self.encoder(held.vector.size)
+            ring = np.rint(total).astype(np.int64).astype(np.uint64).astype(encoder.dtype)
+            total = encoder.decode(ring, round_seed=self.rotation_seed(aggregate.round))
+        mean = total / len(survivors)
+        if not np.isfinite(mean).all():
+            raise ProtocolAbort("the decrypted sum holds non-finite values")
+        # Rounded to float32 as it is kept: the low bits of a CKKS decryption never leave it.
+        return HeldModel(aggregate.round, (held.vector.astype(np.float64) + mean).astype(np.float32))

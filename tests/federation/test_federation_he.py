@@ -24,7 +24,9 @@ from securefed.federation.messages import (
     ProtocolRelay,
     SiteRefusal,
     SumConfirmation,
+    SumReceipt,
     decode_federation_message,
+    sum_statement,
 )
 from securefed.federation.setup import site_workspace
 from securefed.federation.site import FederationSite
@@ -192,15 +194,23 @@ def finished_run(tmp_path_factory):
 
 
 def _site_before_the_sum(run_dir: Path, config, initial: np.ndarray, name: str) -> SiteHE:
-    """A copy of a site as it was before round 1's sum: the initial model, nothing vouched for."""
-    copy = run_dir.parent / f"before-{name}"
-    if not copy.exists():
-        shutil.copytree(run_dir / "sites" / name, copy)
-        (copy / "he-receipts.json").unlink()
-        (copy / "global-model.bin").write_bytes(HeldModel(0, initial).encode())
+    """A fresh copy of a site as it was before round 1's sum: the initial model, nothing vouched for."""
+    copies = len(list(run_dir.parent.glob(f"before-{name}-*")))
+    copy = run_dir.parent / f"before-{name}-{copies}"
+    shutil.copytree(run_dir / "sites" / name, copy)
+    (copy / "he-receipts.json").unlink()
+    (copy / "global-model.bin").write_bytes(HeldModel(0, initial).encode())
     site = _site_he(run_dir, config, name)
     site.workspace = SiteWorkspace(copy)
     return site
+
+
+def _everyone_vouches(run_dir: Path, aggregate: EncryptedAggregate) -> SumConfirmation:
+    """A confirmation signed by every site: honest sites vouch without decrypting."""
+    statement = sum_statement(aggregate.round, aggregate.digest())
+    signatures = {i: SiteIdentity.load(site_workspace(run_dir, f"site-{i + 1}").identity_file).sign(statement)
+                  for i in range(3)}
+    return SumConfirmation(aggregate.round, aggregate.digest(), signatures)
 
 
 def _add_plain(codec: CKKSCodec, ciphertext: bytes, offsets: np.ndarray) -> bytes:
@@ -236,18 +246,29 @@ def test_a_site_refuses_sums_the_coordinator_makes_up_and_says_nothing_of_what_t
         "another model": dataclasses.replace(honest, round=2, model_round=1),  # round 1's sum replayed as round 2
     }
     for fragment, aggregate in attacks.items():
+        target = site if aggregate.round == 2 else _site_before_the_sum(run_dir, config, initial, "site-1")
         with pytest.raises(ProtocolAbort, match=fragment.strip()):
-            (site if aggregate.round == 2 else before).vouch(aggregate)
-    assert before.vouch(honest).digest == honest.digest()  # the honest sum passes the same checks
+            target.vouch(aggregate)  # checked before vouching: the count and the model
+            target.confirm(_everyone_vouches(run_dir, aggregate))  # checked after: the tags
+        assert target.held().round == aggregate.model_round  # nothing applied
+    before = _site_before_the_sum(run_dir, config, initial, "site-1")
+    before.vouch(honest)
+    assert before.confirm(_everyone_vouches(run_dir, honest))[0].round == 1  # the honest sum passes
+    assert np.array_equal(before.held().vector, held.vector)
     assert site.held().round == 1 and np.array_equal(site.held().vector, held.vector)  # nothing applied
+    with pytest.raises(ProtocolAbort, match="already vouched"):  # another sum of a round it applied
+        site.vouch(attacks["tags "])
     receipt = site.vouch(honest)  # the real sum again: vouched for again, not applied twice
     assert receipt.digest == honest.digest() and site.held().round == 1
     # Through the site's front door: the refusal names no decrypted value.
     front = FederationSite(identity=site.identity, roster=site.roster, aggregation="he", policy=config.secagg_config(),
                            workspace=site.workspace, learner=lambda: None, validation=None, rng=SeededRandom(b"x"),
                            he=site)
-    reply = decode_federation_message(front.handle(dataclasses.replace(attacks["tags"], round=2, model_round=1).encode()))
-    assert isinstance(reply, SiteRefusal) and not re.search(r"\d\.\d", reply.reason)
+    fresh = _site_before_the_sum(run_dir, config, initial, "site-1")
+    front.he, front.workspace = fresh, fresh.workspace
+    assert isinstance(decode_federation_message(front.handle(attacks["tags"].encode())), SumReceipt)
+    reply = decode_federation_message(front.handle(_everyone_vouches(run_dir, attacks["tags"]).encode()))
+    assert isinstance(reply, SiteRefusal) and "tags" in reply.reason and not re.search(r"\d\.\d", reply.reason)
 
 
 def test_a_site_refuses_a_round_under_another_key_or_without_it_or_below_min_sites(finished_run):
@@ -495,7 +516,13 @@ def test_two_different_sums_of_one_round_can_never_both_be_applied(finished_run)
         sites["site-1"].confirm(SumConfirmation(1, without_3.digest(), forged))
     confirmation = SumConfirmation(1, everyone.digest(), {1: receipts["site-2"].signature,
                                                          2: receipts["site-3"].signature})
-    assert sites["site-2"].confirm(confirmation).round == 1 and sites["site-1"].held().round == 0
+    assert sites["site-2"].confirm(confirmation)[0].round == 1
+    assert sites["site-1"].held().round == 0  # it never decrypted the sum it alone vouched for
+    # Vouching for many later rounds never frees a site to vouch for a second sum of round 1.
+    for later in (51, 99):
+        sites["site-3"].vouch(dataclasses.replace(everyone, round=later))
+    with pytest.raises(ProtocolAbort, match="already vouched"):
+        sites["site-3"].vouch(without_3)
 
 
 def test_a_run_killed_after_the_sites_applied_a_sum_but_before_its_checkpoint_resumes(tmp_path, monkeypatch):
@@ -531,3 +558,36 @@ def test_a_scale_too_coarse_for_the_sites_to_check_sums_is_refused():
     with pytest.raises(ConfigError, match="scale_bits >= 37"):
         validate(parse_config({"federation": {"aggregation": "he", "sites": 10}, "he": {"scale_bits": 30}}))
     validate(parse_config({"federation": {"aggregation": "he", "sites": 10}, "he": {"scale_bits": 40}}))
+
+
+def test_a_run_killed_while_confirming_a_sum_finishes_it_on_resume(tmp_path):
+    """Killed after one site applied round 1's sum: the confirmation was kept before it was
+    sent, so the resumed run confirms the same sum to the others instead of failing the round."""
+    reference = Federation(_config(), run_dir=tmp_path / "reference").run()
+
+    class Killed(Exception):
+        pass
+
+    class KilledMidConfirmation(Federation):
+        def _transport(self, run_dir, task, roster):
+            transport, sites = super()._transport(run_dir, task, roster)
+            inner = transport.exchange
+
+            def exchange(outgoing):
+                first = decode_federation_message(next(iter(outgoing.values())))
+                if isinstance(first, SumConfirmation) and first.round == 1 and len(outgoing) > 1:
+                    inner({"site-1": outgoing["site-1"]})
+                    raise Killed()
+                return inner(outgoing)
+
+            transport.exchange = exchange
+            return transport, sites
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(Killed):
+        KilledMidConfirmation(_config(), run_dir=run_dir).run()
+    assert [load_held_model(site_workspace(run_dir, s)).round for s in ("site-1", "site-2", "site-3")] == [1, 0, 0]
+    resumed = Federation.resume(run_dir).run()
+    assert [(r.round, r.failure) for r in resumed.rounds] == [(1, None), (2, None)]
+    np.testing.assert_allclose(resumed.model, reference.model, rtol=0, atol=1e-6)
+    assert all(load_held_model(site_workspace(run_dir, s)).round == 2 for s in ("site-1", "site-2", "site-3"))
