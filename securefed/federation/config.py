@@ -316,19 +316,23 @@ def parse_config(mapping: Mapping[str, Any], *, base_dir: str | Path | None = No
     if problems or sites is None or any(v is None for v in built.values()):
         if not problems:  # pragma: no cover - every None above recorded a problem
             problems.append("the config could not be read")
-        problems += _section_checks(built, sites)
+        problems += _section_checks(built, sites, values.get("he", {}))
         raise ConfigError(problems)
     return FederationConfig(sites=sites, **built)
 
 
-def _section_checks(built: dict[str, Any], sites: tuple[SiteSpec, ...] | None) -> list[str]:
+def _section_checks(built: dict[str, Any], sites: tuple[SiteSpec, ...] | None, raw_he: Any) -> list[str]:
     """The checks ``validate`` would run on the sections that did parse, so that a config with a
-    typo elsewhere still hears about its missing data file or unfit model in the same message."""
+    typo elsewhere still hears about its missing data file, unfit model or HE settings that do
+    not fit the cohort in the same message."""
     from securefed.data import data_problems
-    from securefed.federation.config_checks import known_spec
+    from securefed.federation.config_checks import he_problems, known_spec
     from securefed.models import model_problems
 
-    found: list[str] = []
+    secagg = built.get("secagg")
+    found: list[str] = he_problems(run=built.get("federation"), sites=sites, he=built.get("he"),
+                                   raw_he=raw_he if isinstance(raw_he, dict) else {}, site_dp=built.get("site_dp"),
+                                   bit_width=secagg.bit_width if secagg is not None else 32)
     data, model = built.get("data"), built.get("model")
     if data is not None and sites is not None:
         found += prefixed("[data]", data_problems(data, sites=[s.name for s in sites]))

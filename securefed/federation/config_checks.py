@@ -6,10 +6,11 @@ module to reading and writing.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from securefed.data import DataConfig
 from securefed.errors import ConfigError
+from securefed._values import is_int
 from securefed.federation.config_sections import Aggregation
 
 if TYPE_CHECKING:
@@ -66,27 +67,40 @@ def _secagg_problems(config: FederationConfig) -> list[str]:
     return []
 
 
-def _he_problems(config: FederationConfig) -> list[str]:
-    if config.federation.aggregation is not Aggregation.HE:
+def he_problems(*, run: Any, sites: Any, he: Any, raw_he: dict[str, Any], site_dp: Any, bit_width: int) -> list[str]:
+    """The ``[he]`` checks that need the cohort: also run on sections that parsed when others did
+    not (``he`` None: from the raw values that have the right type), so every problem is said at once."""
+    if run is None or run.aggregation is not Aggregation.HE or sites is None:
         return []
+    names = [s.name for s in sites]
+    n = run.sites_per_round or len(names)
+    min_sites = he.min_sites if he is not None else raw_he.get("min_sites", 2)
+    dealer = he.dealer if he is not None else raw_he.get("dealer", "")
     problems = []
-    n, he = config.cohort_size(), config.he
-    if n < he.min_sites:
-        problems.append(f"[he] min_sites = {he.min_sites} is more than the {n} sites in each round; lower "
+    if is_int(min_sites) and n < min_sites:
+        problems.append(f"[he] min_sites = {min_sites} is more than the {n} sites in each round; lower "
                         "min_sites or raise sites_per_round (0 for every site)")
-    if he.dealer and he.dealer not in config.site_names():
-        problems.append(f"[he] dealer = {he.dealer!r} is not one of the sites ({', '.join(config.site_names()[:5])}"
-                        f"{', ...' if len(config.sites) > 5 else ''}); name a site, or \"\" for the first")
+    if isinstance(dealer, str) and dealer and dealer not in names:
+        problems.append(f"[he] dealer = {dealer!r} is not one of the sites ({', '.join(names[:5])}"
+                        f"{', ...' if len(names) > 5 else ''}); name a site, or \"\" for the first")
+    if he is None:
+        return problems
     try:  # the sum of a whole round must fit the ciphertext modulus, and sites must be able to check it
-        he_config = config.he_config()
+        config = he.he_config(max_sites=n)
+        config = config.for_integers(bit_width) if site_dp is not None and site_dp.enabled else config
     except ConfigError as error:
         problems.extend(f"[he] with {n} sites per round: {p}" for p in error.problems)
     else:
         from securefed.he.tags import tag_problems
 
-        problems.extend(f"[he] {p}" for p in tag_problems(scale_bits=he_config.scale_bits, max_sites=n,
-                                                          bound=max(he_config.clip, he_config.max_weight)))
+        problems.extend(f"[he] {p}" for p in tag_problems(scale_bits=config.scale_bits, max_sites=n,
+                                                          bound=max(config.clip, config.max_weight)))
     return problems
+
+
+def _he_problems(config: FederationConfig) -> list[str]:
+    return he_problems(run=config.federation, sites=config.sites, he=config.he, raw_he={}, site_dp=config.site_dp,
+                       bit_width=config.secagg.bit_width)
 
 
 def _privacy_problems(config: FederationConfig) -> list[str]:

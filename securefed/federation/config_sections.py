@@ -345,11 +345,12 @@ class HESettings:
                       " (a sum of one site would show its update to the other key holders)")
         if not isinstance(self.dealer, str):
             problems.append(f"dealer must be a site name or \"\" (the first site), got {self.dealer!r}")
+        _positive("clip", self.clip, problems)
         _as_float(self, "clip")
-        try:
-            self.he_config(max_sites=1)
-        except ConfigError as error:
-            problems.extend(error.problems)
+        from securefed.he.config import parameter_problems  # the room for a round's sum is checked with the cohort
+
+        problems += parameter_problems(poly_modulus_degree=self.poly_modulus_degree,
+                                       coeff_mod_bit_sizes=self.coeff_mod_bit_sizes, scale_bits=self.scale_bits)
         if problems:
             raise ConfigError(problems)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from securefed.errors import ConfigError
 from securefed._values import is_int, is_real
 
-__all__ = ["HEConfig", "MAX_LOG_Q_128"]
+__all__ = ["HEConfig", "MAX_LOG_Q_128", "parameter_problems"]
 
 MAX_LOG_Q_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
 _HEADROOM_BITS = 2  # beyond the sum's magnitude, so rounding noise never reaches q/2
@@ -25,6 +25,22 @@ _HEADROOM_BITS = 2  # beyond the sum's magnitude, so rounding noise never reache
 # 32-bit integers err by at most 0.034 at scale 2^16 (0.14 at 2^14); the error grows as sqrt(sites).
 MIN_INTEGER_SCALE_BITS = 16
 
+
+
+def parameter_problems(*, poly_modulus_degree: object, coeff_mod_bit_sizes: object, scale_bits: object) -> list[str]:
+    """What is wrong with a ring degree, modulus primes and scale, 128-bit security included."""
+    problems = []
+    n, bits = poly_modulus_degree, coeff_mod_bit_sizes
+    if n not in MAX_LOG_Q_128:
+        problems.append(f"poly_modulus_degree must be one of {sorted(MAX_LOG_Q_128)}, got {n!r}")
+    if not isinstance(bits, tuple) or not bits or not all(is_int(b) and 20 <= b <= 60 for b in bits):
+        problems.append(f"coeff_mod_bit_sizes must be a non-empty list of prime sizes in [20, 60] bits, got {bits!r}")
+    elif n in MAX_LOG_Q_128 and sum(bits) > MAX_LOG_Q_128[n]:  # type: ignore[index]
+        problems.append(f"coeff_mod_bit_sizes sum to {sum(bits)} bits, above the {MAX_LOG_Q_128[n]} bits that keep "  # type: ignore[index]
+                        f"ring degree {n} at 128-bit security; use smaller primes or a larger poly_modulus_degree")
+    if not is_int(scale_bits) or not 10 <= scale_bits <= 60:  # type: ignore[operator]
+        problems.append(f"scale_bits must be an int in [10, 60], got {scale_bits!r}")
+    return problems
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,19 +64,10 @@ class HEConfig:
     max_sites: int = 100
 
     def __post_init__(self) -> None:
-        problems: list[str] = []
-        n, bits = self.poly_modulus_degree, self.coeff_mod_bit_sizes
-        object.__setattr__(self, "coeff_mod_bit_sizes", tuple(bits) if isinstance(bits, list | tuple) else bits)
         bits = self.coeff_mod_bit_sizes
-        if n not in MAX_LOG_Q_128:
-            problems.append(f"poly_modulus_degree must be one of {sorted(MAX_LOG_Q_128)}, got {n!r}")
-        if not isinstance(bits, tuple) or not bits or not all(is_int(b) and 20 <= b <= 60 for b in bits):
-            problems.append(f"coeff_mod_bit_sizes must be a non-empty list of prime sizes in [20, 60] bits, got {bits!r}")
-        elif n in MAX_LOG_Q_128 and sum(bits) > MAX_LOG_Q_128[n]:
-            problems.append(f"coeff_mod_bit_sizes sum to {sum(bits)} bits, above the {MAX_LOG_Q_128[n]} bits that keep "
-                            f"ring degree {n} at 128-bit security; use smaller primes or a larger poly_modulus_degree")
-        if not is_int(self.scale_bits) or not 10 <= self.scale_bits <= 60:
-            problems.append(f"scale_bits must be an int in [10, 60], got {self.scale_bits!r}")
+        object.__setattr__(self, "coeff_mod_bit_sizes", tuple(bits) if isinstance(bits, list | tuple) else bits)
+        problems = parameter_problems(poly_modulus_degree=self.poly_modulus_degree,
+                                      coeff_mod_bit_sizes=self.coeff_mod_bit_sizes, scale_bits=self.scale_bits)
         for name in ("clip", "max_weight"):
             value = getattr(self, name)
             if not is_real(value) or value <= 0:
@@ -70,11 +77,14 @@ class HEConfig:
         if not problems:
             need, have = self.sum_bits(), self.data_modulus_bits
             if need > have:
+                lowest = self.scale_bits - (need - have)
+                fixes = ([f"lower scale_bits to at most {lowest}"] if lowest >= 10 else []) + [
+                    "lower clip", "sum fewer sites (max_sites)"]
                 problems.append(
                     f"a sum of {self.max_sites} sites' values up to "
                     f"{max(self.clip * self.max_weight, self.clip, self.max_weight):g} at scale 2^"
-                    f"{self.scale_bits} needs {need} bits, but the ciphertext modulus has {have}: lower scale_bits "
-                    f"to at most {self.scale_bits - (need - have)}, or lower clip, max_weight or max_sites")
+                    f"{self.scale_bits} needs {need} bits, but the ciphertext modulus has {have}: "
+                    + ", or ".join(fixes))
         if problems:
             raise ConfigError(problems)
 

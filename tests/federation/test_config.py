@@ -8,6 +8,7 @@ import pytest
 
 from securefed.errors import ConfigError
 from securefed.federation.config import (
+    validate,
     Aggregation,
     FederationConfig,
     PrivacySettings,
@@ -120,6 +121,21 @@ def test_he_settings_report_every_problem_with_its_fix() -> None:
     assert any("min_sites" in p and "show its update" in p for p in problems), problems
     assert any("clip" in p for p in problems), problems
     assert parse_config({"federation": {"aggregation": "he"}}).federation.aggregation is Aggregation.HE
+
+
+def test_he_problems_that_need_the_cohort_are_reported_with_the_others() -> None:
+    problems = problems_of({"federation": {"aggregation": "he", "sites": 3}, "training": {"learning_rate": -1},
+                            "he": {"clip": -1, "min_sites": 9, "dealer": "nobody"}})
+    for fragment in ("learning_rate", "clip", "min_sites = 9 is more than the 3 sites", "'nobody' is not one"):
+        assert any(fragment in p for p in problems), (fragment, problems)
+
+
+def test_an_he_sum_that_cannot_fit_says_what_can_be_changed() -> None:
+    config = parse_config({"federation": {"aggregation": "he", "sites": 3}, "he": {"clip": 1e30}})
+    with pytest.raises(ConfigError) as error:
+        validate(config)
+    (problem,) = error.value.problems
+    assert "3 sites" in problem and "lower clip" in problem and "scale_bits to at most" not in problem
 
 
 def test_named_sites_with_budgets() -> None:
