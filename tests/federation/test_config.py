@@ -8,7 +8,6 @@ import pytest
 
 from securefed.errors import ConfigError
 from securefed.federation.config import (
-    validate,
     Aggregation,
     FederationConfig,
     PrivacySettings,
@@ -16,6 +15,7 @@ from securefed.federation.config import (
     default_config,
     load_config,
     parse_config,
+    validate,
 )
 from securefed.federation.training_settings import Optimizer, TrainingSettings
 
