@@ -173,15 +173,10 @@ class HECoordinator:
         """Receipts a sum needs before it is confirmed: a majority of the roster."""
         return len(self.roster) // 2 + 1
 
-    def release(self, aggregate: EncryptedAggregate, sites: Sequence[str],
-                confirmation: SumConfirmation | None = None,
-                keep: Callable[[SumConfirmation], None] | None = None) -> tuple[dict[str, str], SumConfirmation | None]:
-        """Send a round's encrypted sum to ``sites``, collect their signed receipts and, once a
-        majority of the roster vouched for it (or with the ``confirmation`` of an earlier
-        release, for sites catching up), confirm it; a new confirmation is handed to ``keep``
-        before any site sees it. Return the sites that did not apply it, with why, and the
-        confirmation (None if the sum was not confirmed)."""
-        digest, statement = aggregate.digest(), sum_statement(aggregate.round, aggregate.digest())
+    def _receipts(self, aggregate: EncryptedAggregate, sites: Sequence[str]) -> tuple[dict[int, bytes], dict[str, str]]:
+        """Send ``aggregate`` to ``sites``: (roster index -> valid receipt signature, why the others gave none)."""
+        digest = aggregate.digest()
+        statement = sum_statement(aggregate.round, digest)
         replies = self.transport.exchange({s: aggregate.encode() for s in sites})
         signatures, problems = {}, {}
         for site in sites:
@@ -194,7 +189,25 @@ class HECoordinator:
                 except InvalidSignatureError:
                     problems[site] = "its receipt is not signed by it"
                     continue
-            problems[site] = message.reason if isinstance(message, SiteRefusal) else "no receipt for the sum"
+            problems[site] = message.reason if isinstance(message, SiteRefusal) else _NO_RECEIPT
+        return signatures, problems
+
+    def release(self, aggregate: EncryptedAggregate, sites: Sequence[str],
+                confirmation: SumConfirmation | None = None,
+                keep: Callable[[SumConfirmation], None] | None = None) -> tuple[dict[str, str], SumConfirmation | None]:
+        """Send a round's encrypted sum to ``sites``, collect their signed receipts and, once a
+        majority of the roster vouched for it (or with the ``confirmation`` of an earlier
+        release, for sites catching up), confirm it; a new confirmation is handed to ``keep``
+        before any site sees it. Return the sites that did not apply it, with why, and the
+        confirmation (None if the sum was not confirmed)."""
+        signatures, problems = self._receipts(aggregate, sites)
+        if confirmation is None and len(signatures) < self.quorum:  # receipts can be lost: ask the silent again
+            silent = [s for s in sites if problems.get(s) == _NO_RECEIPT]
+            if silent:
+                more, problems_again = self._receipts(aggregate, silent)
+                signatures.update(more)
+                problems = {s: p for s, p in {**problems, **problems_again}.items()
+                            if self.roster.index(s) not in signatures}
         if confirmation is None:
             if len(signatures) < self.quorum:
                 missing = dict(problems)
@@ -202,7 +215,7 @@ class HECoordinator:
                     missing.setdefault(site, f"only {len(signatures)} sites vouched for the sum; "
                                              f"{self.quorum} (a majority) are needed")
                 return missing, None
-            confirmation = SumConfirmation(aggregate.round, digest, signatures)
+            confirmation = SumConfirmation(aggregate.round, aggregate.digest(), signatures)
             if keep is not None:  # on disk first: a confirmed sum is never taken for a failed one
                 keep(confirmation)
         vouched = [s for s in sites if self.roster.index(s) in signatures]
@@ -212,6 +225,9 @@ class HECoordinator:
             if not (isinstance(message, Acknowledgement) and message.round == aggregate.round):
                 problems[site] = message.reason if isinstance(message, SiteRefusal) else "no acknowledgement"
         return problems, confirmation
+
+
+_NO_RECEIPT = "no receipt for the sum"
 
 
 def _decode_or_none(data: bytes | None) -> Any:

@@ -292,7 +292,7 @@ class EncryptedAggregate:
 
 
 def sum_statement(round_: int, digest: bytes) -> bytes:
-    """What a site signs to vouch for a round's sum (it vouches for one sum per round)."""
+    """What a site signs to vouch for a round's sum (it vouches for one sum per model it holds)."""
     return Writer().blob(b"securefed/he/sum-receipt/v1").u32(round_).fixed(digest, 32).getvalue()
 
 

@@ -178,11 +178,21 @@ class HERun:
         acks = self._acks()
         acks.update({name: aggregate.round for name in self.names if name not in problems and name in acks})
         self._save_acks(acks)
-        # Acknowledgements can be lost: the workspaces say who applied it. The copy comes from a
-        # site whose update is in the sum, so it started from the model most sites hold.
+        model = self._applied_copy(aggregate)
+        if model is None:  # confirmed, so it must be applied before any other round: try once more
+            problems, _ = self.coordinator.release(aggregate, self.names, confirmation)
+            model = self._applied_copy(aggregate)
+        if model is None:
+            raise ProtocolAbort(f"round {aggregate.round}'s sum was confirmed but no site could apply it yet; "
+                                "continue the run with --resume once the sites are reachable")
+        return model, problems
+
+    def _applied_copy(self, aggregate: EncryptedAggregate) -> np.ndarray | None:
+        """The model after ``aggregate`` from a site that applied it (acknowledgements can be
+        lost: the workspaces say who did), one whose update is in the sum if it can."""
         names = self.coordinator.roster.names
         for name in [names[i] for i in aggregate.survivors] + self.names:
             held = load_held_model(site_workspace(self.run_dir, name))
             if held is not None and held.round == aggregate.round:
-                return held.vector, problems
-        return None, problems
+                return held.vector
+        return None

@@ -252,25 +252,29 @@ class SiteHE:
 
     # ------------------------------------------------------------------ a round's sum
     # A sum is vouched for before it is decrypted, and decrypted only once a majority of the
-    # roster vouched for the same one: each site vouches for one sum per round, so at most one
-    # sum of a round is ever decrypted anywhere, and a coordinator gets one try per round.
+    # roster vouched for the same one. Each site vouches for one sum per model it holds, so two
+    # different sums from one model can never both have a majority: at most one sum from each
+    # model is ever decrypted anywhere, and a coordinator gets one try per model.
     @property
     def quorum(self) -> int:
         """Receipts a sum needs before any site decrypts it: a majority of the roster."""
         return len(self.roster) // 2 + 1
 
     @property
-    def _pending_file(self) -> Any:
-        return self.workspace.root / "pending-sum.bin"
+    def _pending_files(self) -> tuple[Any, Any]:
+        """The sum this site vouched for, and the last other one it was shown from its model."""
+        return self.workspace.root / "pending-sum.bin", self.workspace.root / "pending-other-sum.bin"
 
-    def _receipts(self) -> dict[str, str]:
+    def _receipts(self) -> dict[str, dict[str, Any]]:
+        """``vouched``: model round -> [round, digest] this site vouched for (one per model);
+        ``applied``: round -> digest of the sum this site applied."""
         path = self.workspace.root / "he-receipts.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        return json.loads(path.read_text()) if path.exists() else {"vouched": {}, "applied": {}}
 
-    def _save_receipts(self, receipts: dict[str, str], held_round: int) -> None:
-        # Rounds below the held model's can never be vouched for again (a sum must start from
-        # the model a site holds and be of a later round): only those records may go.
-        kept = {k: v for k, v in receipts.items() if int(k) >= held_round}
+    def _save_receipts(self, receipts: dict[str, dict[str, Any]], held_round: int) -> None:
+        # Models older than the one held can never be vouched from again: only their records go.
+        kept = {"vouched": {k: v for k, v in receipts["vouched"].items() if int(k) >= held_round},
+                "applied": {k: v for k, v in receipts["applied"].items() if int(k) > held_round - 10}}
         write_atomic(self.workspace.root / "he-receipts.json", json.dumps(kept).encode(), mode=0o600, overwrite=True)
 
     def _sum_problem(self, aggregate: EncryptedAggregate, held: HeldModel) -> str | None:
@@ -290,38 +294,49 @@ class SiteHE:
             return f"the sum has {len(aggregate.ciphertexts)} ciphertexts; this model's has {chunks}"
         return None
 
+    def _receipt(self, aggregate: EncryptedAggregate, digest: bytes) -> SumReceipt:
+        return SumReceipt(aggregate.round, digest, self.identity.sign(sum_statement(aggregate.round, digest)))
+
     def vouch(self, aggregate: EncryptedAggregate) -> SumReceipt:
-        """Sign a receipt for a round's sum (the one sum of that round this site vouches for,
+        """Sign a receipt for a sum (the one sum from the held model this site vouches for,
         recorded before it signs) and keep the sum until it is confirmed."""
         held = self.held()
         if held is None:
             raise ProtocolAbort("this site holds no model yet")
         digest = aggregate.digest()
         receipts = self._receipts()
-        earlier = receipts.get(str(aggregate.round))
-        if earlier is not None and earlier != digest.hex():
-            raise ProtocolAbort(f"this site already vouched for another sum of round {aggregate.round}")
+        if held.round == aggregate.round:  # asked again for a sum it applied: the same one only
+            if receipts["applied"].get(str(aggregate.round)) != digest.hex():
+                raise ProtocolAbort(f"this site applied another sum of round {aggregate.round}")
+            return self._receipt(aggregate, digest)
+        if aggregate.round < held.round:
+            raise ProtocolAbort(f"this site is past round {aggregate.round}")
+        problem = self._sum_problem(aggregate, held)
+        if problem is not None:
+            raise ProtocolAbort(problem)
+        own, other = self._pending_files
+        earlier = receipts["vouched"].get(str(held.round))
+        if earlier is not None and earlier != [aggregate.round, digest.hex()]:
+            # Kept all the same: a majority may confirm it without this site.
+            write_atomic(other, aggregate.encode(), mode=0o600, overwrite=True)
+            raise ProtocolAbort(f"this site already vouched for another sum from the model after round {held.round}")
+        write_atomic(own, aggregate.encode(), mode=0o600, overwrite=True)
         if earlier is None:
-            if aggregate.round <= held.round:
-                raise ProtocolAbort(f"this site is past round {aggregate.round}")
-            problem = self._sum_problem(aggregate, held)
-            if problem is not None:
-                raise ProtocolAbort(problem)
-            receipts[str(aggregate.round)] = digest.hex()
+            receipts["vouched"][str(held.round)] = [aggregate.round, digest.hex()]
             self._save_receipts(receipts, held.round)
-        if held.round < aggregate.round:
-            write_atomic(self._pending_file, aggregate.encode(), mode=0o600, overwrite=True)
-        return SumReceipt(aggregate.round, digest, self.identity.sign(sum_statement(aggregate.round, digest)))
+        return self._receipt(aggregate, digest)
 
     def confirm(self, confirmation: SumConfirmation) -> tuple[HeldModel, EncryptedAggregate | None]:
-        """Decrypt and apply the sum this site vouched for, once a majority of the roster vouched
-        for it too: (the model now held, the sum applied; None if it was applied before)."""
-        if self._receipts().get(str(confirmation.round)) != confirmation.digest.hex():
-            raise ProtocolAbort(f"the confirmation is for a sum of round {confirmation.round} this site did not "
-                                "vouch for")
+        """Decrypt and apply a sum once a majority of the roster vouched for it (the sum this
+        site kept; if it vouched for another from the same model, that one can no longer reach a
+        majority): (the model now held, the sum applied; None if it was applied before)."""
         held = self.held()
-        assert held is not None  # a receipt needs a held model
+        if held is None:
+            raise ProtocolAbort("this site holds no model yet")
+        receipts = self._receipts()
         if held.round == confirmation.round:
+            if receipts["applied"].get(str(confirmation.round)) != confirmation.digest.hex():
+                raise ProtocolAbort(f"this site applied another sum of round {confirmation.round}")
             return held, None
         statement = sum_statement(confirmation.round, confirmation.digest)
         valid = 0
@@ -335,15 +350,17 @@ class SiteHE:
         if valid < self.quorum:
             raise ProtocolAbort(f"{valid} sites vouched for round {confirmation.round}'s sum; a majority of the "
                                 f"roster ({self.quorum}) must before any site decrypts it")
-        aggregate = None
-        if self._pending_file.exists():
-            aggregate = decode_federation_message(self._pending_file.read_bytes())
-        if not isinstance(aggregate, EncryptedAggregate) or aggregate.digest() != confirmation.digest:
+        kept = [decode_federation_message(p.read_bytes()) for p in self._pending_files if p.exists()]
+        aggregate = next((a for a in kept if isinstance(a, EncryptedAggregate) and a.digest() == confirmation.digest),
+                         None)
+        if aggregate is None:
             raise ProtocolAbort(f"this site keeps no sum of round {confirmation.round} to apply; send it again")
         updated = self._decrypt_checked(aggregate, held)
+        receipts["applied"][str(updated.round)] = confirmation.digest.hex()
+        self._save_receipts(receipts, updated.round)
         write_atomic(model_file(self.workspace), updated.encode(), mode=0o600, overwrite=True)
-        self._pending_file.unlink(missing_ok=True)
-        self._save_receipts(self._receipts(), updated.round)
+        for path in self._pending_files:
+            path.unlink(missing_ok=True)
         return updated, aggregate
 
     def _decrypt_checked(self, aggregate: EncryptedAggregate, held: HeldModel) -> HeldModel:

@@ -131,5 +131,5 @@ def tag_problems(*, scale_bits: int, max_sites: int, bound: float) -> list[str]:
         return []
     need = scale_bits + math.ceil(math.log2(tolerance / (bound * 2.0**MAX_FORGERY_BITS)))
     return [f"scale_bits = {scale_bits} is too coarse for the sites to check a sum of {max_sites} sites: the "
-            f"chance that a forged sum passes must stay below 2^{MAX_FORGERY_BITS * TAG_SLOTS} per round "
+            f"chance that a forged sum passes must stay below 2^{MAX_FORGERY_BITS * TAG_SLOTS} per try "
             f"(2^{MAX_FORGERY_BITS} per tag slot); use scale_bits >= {need}"]

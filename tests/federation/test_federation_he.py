@@ -256,7 +256,7 @@ def test_a_site_refuses_sums_the_coordinator_makes_up_and_says_nothing_of_what_t
     assert before.confirm(_everyone_vouches(run_dir, honest))[0].round == 1  # the honest sum passes
     assert np.array_equal(before.held().vector, held.vector)
     assert site.held().round == 1 and np.array_equal(site.held().vector, held.vector)  # nothing applied
-    with pytest.raises(ProtocolAbort, match="already vouched"):  # another sum of a round it applied
+    with pytest.raises(ProtocolAbort, match="applied another sum"):  # another sum of a round it applied
         site.vouch(attacks["tags "])
     receipt = site.vouch(honest)  # the real sum again: vouched for again, not applied twice
     assert receipt.digest == honest.digest() and site.held().round == 1
@@ -504,25 +504,25 @@ def test_two_different_sums_of_one_round_can_never_both_be_applied(finished_run)
         (site.workspace.root / "global-model.bin").write_bytes(HeldModel(0, initial).encode())
     receipt_1 = sites["site-1"].vouch(without_3)
     receipts = {name: sites[name].vouch(everyone) for name in ("site-2", "site-3")}
-    with pytest.raises(ProtocolAbort, match="already vouched"):
+    with pytest.raises(ProtocolAbort, match="already vouched for another sum from the model after round 0"):
         sites["site-1"].vouch(everyone)
+    # Another round from the same model is another sum: refused too, whatever its number.
+    for later in (2, 51):
+        with pytest.raises(ProtocolAbort, match="already vouched"):
+            sites["site-3"].vouch(dataclasses.replace(everyone, round=later))
     with pytest.raises(ProtocolAbort, match="a majority"):
         sites["site-1"].confirm(SumConfirmation(1, without_3.digest(), {0: receipt_1.signature}))
-    with pytest.raises(ProtocolAbort, match="did not vouch"):
-        sites["site-1"].confirm(SumConfirmation(1, everyone.digest(), {1: receipts["site-2"].signature,
-                                                                      2: receipts["site-3"].signature}))
     forged = {0: receipt_1.signature, 1: receipt_1.signature}  # site-1's signature passed off as site-2's
     with pytest.raises(ProtocolAbort, match="a majority"):
         sites["site-1"].confirm(SumConfirmation(1, without_3.digest(), forged))
+    # The majority's sum is the one every site applies, site-1 included (its own can never win now).
     confirmation = SumConfirmation(1, everyone.digest(), {1: receipts["site-2"].signature,
                                                          2: receipts["site-3"].signature})
-    assert sites["site-2"].confirm(confirmation)[0].round == 1
-    assert sites["site-1"].held().round == 0  # it never decrypted the sum it alone vouched for
-    # Vouching for many later rounds never frees a site to vouch for a second sum of round 1.
-    for later in (51, 99):
-        sites["site-3"].vouch(dataclasses.replace(everyone, round=later))
-    with pytest.raises(ProtocolAbort, match="already vouched"):
-        sites["site-3"].vouch(without_3)
+    applied = [sites[name].confirm(confirmation)[0] for name in ("site-1", "site-2", "site-3")]
+    assert all(m.round == 1 and np.array_equal(m.vector, applied[0].vector) for m in applied)
+    with pytest.raises(ProtocolAbort, match="applied another sum"):
+        sites["site-1"].confirm(SumConfirmation(1, without_3.digest(), {0: receipt_1.signature,
+                                                                       1: receipts["site-2"].signature}))
 
 
 def test_a_run_killed_after_the_sites_applied_a_sum_but_before_its_checkpoint_resumes(tmp_path, monkeypatch):
@@ -591,3 +591,26 @@ def test_a_run_killed_while_confirming_a_sum_finishes_it_on_resume(tmp_path):
     assert [(r.round, r.failure) for r in resumed.rounds] == [(1, None), (2, None)]
     np.testing.assert_allclose(resumed.model, reference.model, rtol=0, atol=1e-6)
     assert all(load_held_model(site_workspace(run_dir, s)).round == 2 for s in ("site-1", "site-2", "site-3"))
+
+
+def test_a_confirmed_sum_whose_confirmations_were_lost_is_applied_before_any_other_round(tmp_path):
+    """Once a majority vouched for a sum, no other sum from that model may follow: the runtime
+    sends the confirmation again instead of recording the round as failed."""
+    reference = Federation(_config(), run_dir=tmp_path / "reference").run()
+    lost: list[int] = []
+
+    def confirmations_lost_once(tap, site, data):
+        message = decode_federation_message(data)
+        if isinstance(message, SumConfirmation) and message.round == 1 and len(lost) < 3:
+            lost.append(1)
+            return True
+        return False
+
+    class Lossy(Federation):
+        def _transport(self, run_dir, task, roster):
+            transport, sites = super()._transport(run_dir, task, roster)
+            return _Tampering(transport, lambda tap, site, data: data, confirmations_lost_once), sites
+
+    result = Lossy(_config(), run_dir=tmp_path / "run").run()
+    assert len(lost) == 3 and [(r.round, r.failure) for r in result.rounds] == [(1, None), (2, None)]
+    np.testing.assert_allclose(result.model, reference.model, rtol=0, atol=1e-6)
