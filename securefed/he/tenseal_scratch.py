@@ -6,10 +6,12 @@ in memory where the system has one (``/dev/shm``), holding a single file rewritt
 object. Only ciphertexts pass through it, never a key. A lock keeps threads sharing an owner from
 interleaving on the file. The folder goes when the owner is closed, collected or the process
 exits; it is made again on the next use, and a forked child makes its own and never removes its
-parent's.
+parent's. A process killed before its clean-up leaves its folder behind: each folder names its
+owner's pid, and the next one made removes those of processes that are gone.
 
 SEAL reads a stream by the size in its header and ignores anything after it, so
-:meth:`SealScratch.load` checks that header first (:func:`check_header`): the bytes must be exactly one SEAL object of at most ``max_bytes``.
+:meth:`SealScratch.load` checks that header first (:func:`check_header`): the bytes must be
+exactly one SEAL object of at most ``max_bytes``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,31 @@ _HEADER = struct.Struct("<HBBBBHQ")
 SEAL_HEADER_SIZE = _HEADER.size
 _MAGIC = 0xA15E
 _COMPRESSION_MODES = (0, 1, 2)  # none, zlib, zstd
+
+
+_PREFIX = "securefed-seal-"
+
+
+def _sweep(parent: str) -> None:
+    """Remove scratch folders that processes killed before their clean-up left behind (each
+    folder names its owner's pid; only this user's folders of processes gone are touched)."""
+    try:
+        entries = os.scandir(parent)
+    except OSError:
+        return
+    with entries:
+        for entry in entries:
+            pid = entry.name[len(_PREFIX):].split("-", 1)[0]
+            if not entry.name.startswith(_PREFIX) or not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                    continue
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(entry.path, ignore_errors=True)
+            except OSError:  # alive under another user, or not ours to look at
+                continue
 
 
 def _remove(folder: str, owner_pid: int) -> None:
@@ -73,7 +100,9 @@ class SealScratch:
     def _path(self) -> str:  # with the lock held
         if self._folder is None or self._pid != os.getpid():
             memory = _MEMORY_FOLDER.is_dir() and os.access(_MEMORY_FOLDER, os.W_OK | os.X_OK)
-            self._folder = tempfile.mkdtemp(prefix="securefed-seal-", dir=str(_MEMORY_FOLDER) if memory else None)
+            parent = str(_MEMORY_FOLDER) if memory else tempfile.gettempdir()
+            _sweep(parent)
+            self._folder = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=parent)
             self._pid = os.getpid()
             self._finalizer = weakref.finalize(self, _remove, self._folder, self._pid)
         return os.path.join(self._folder, "object")
