@@ -200,8 +200,8 @@ class FederationConfig:
     def he_config(self) -> HEConfig:
         """The CKKS settings of ``aggregation = "he"``, for sums of up to a whole round's sites
         (with site-level DP: for exact sums of its noised ring elements)."""
-        config = self.he.he_config(max_sites=self.cohort_size())
-        return config.for_integers(self.secagg.bit_width) if self.site_dp.enabled else config
+        return self.he.he_config(max_sites=self.cohort_size(),
+                                 integer_bits=self.secagg.bit_width if self.site_dp.enabled else None)
 
     def site_dp_threshold(self) -> int:
         """The fewest sites whose noise a released sum carries: site-level DP's worst case."""

@@ -86,8 +86,7 @@ def he_problems(*, run: Any, sites: Any, he: Any, raw_he: dict[str, Any], site_d
     if he is None:
         return problems
     try:  # the sum of a whole round must fit the ciphertext modulus, and sites must be able to check it
-        config = he.he_config(max_sites=n)
-        config = config.for_integers(bit_width) if site_dp is not None and site_dp.enabled else config
+        config = he.he_config(max_sites=n, integer_bits=bit_width if site_dp is not None and site_dp.enabled else None)
     except ConfigError as error:
         problems.extend(f"[he] with {n} sites per round: {p}" for p in error.problems)
     else:

@@ -354,12 +354,14 @@ class HESettings:
         if problems:
             raise ConfigError(problems)
 
-    def he_config(self, *, max_sites: int) -> HEConfig:
-        """The CKKS settings for sums of up to ``max_sites`` sites (each update weighs 1)."""
+    def he_config(self, *, max_sites: int, integer_bits: int | None = None) -> HEConfig:
+        """The CKKS settings for sums of up to ``max_sites`` sites (each update weighs 1); with
+        ``integer_bits``, for exact sums of ring elements of that width (site-level DP)."""
         from securefed.he.config import HEConfig
 
-        return HEConfig(poly_modulus_degree=self.poly_modulus_degree, coeff_mod_bit_sizes=self.coeff_mod_bit_sizes,
-                        scale_bits=self.scale_bits, clip=self.clip, max_weight=1.0, max_sites=max_sites)
+        config = HEConfig(poly_modulus_degree=self.poly_modulus_degree, coeff_mod_bit_sizes=self.coeff_mod_bit_sizes,
+                          scale_bits=self.scale_bits, clip=self.clip, max_weight=1.0, max_sites=max_sites)
+        return config if integer_bits is None else config.for_integers(integer_bits)
 
     def dealer_of(self, site_names: list[str]) -> str:
         """The key dealer's name among ``site_names``."""

@@ -30,6 +30,7 @@ from securefed.federation.messages import (
     SumConfirmation,
     SumReceipt,
     decode_federation_message,
+    majority,
     sum_statement,
 )
 from securefed.federation.transport import Transport
@@ -170,18 +171,18 @@ class HECoordinator:
 
     @property
     def quorum(self) -> int:
-        """Receipts a sum needs before it is confirmed: a majority of the roster."""
-        return len(self.roster) // 2 + 1
+        return majority(len(self.roster))
 
-    def _receipts(self, aggregate: EncryptedAggregate, sites: Sequence[str]) -> tuple[dict[int, bytes], dict[str, str]]:
-        """Send ``aggregate`` to ``sites``: (roster index -> valid receipt signature, why the others gave none)."""
-        digest = aggregate.digest()
-        statement = sum_statement(aggregate.round, digest)
-        replies = self.transport.exchange({s: aggregate.encode() for s in sites})
+    def _receipts(self, round_: int, data: bytes, digest: bytes,
+                  sites: Sequence[str]) -> tuple[dict[int, bytes], dict[str, str]]:
+        """Send a sum (encoded as ``data``) to ``sites``: (roster index -> valid receipt
+        signature, why the others gave none)."""
+        statement = sum_statement(round_, digest)
+        replies = self.transport.exchange({s: data for s in sites})
         signatures, problems = {}, {}
         for site in sites:
             message = _decode_or_none(replies.get(site))
-            if isinstance(message, SumReceipt) and message.round == aggregate.round and message.digest == digest:
+            if isinstance(message, SumReceipt) and message.round == round_ and message.digest == digest:
                 try:
                     self.roster[site].verify(statement, message.signature)
                     signatures[self.roster.index(site)] = message.signature
@@ -200,11 +201,12 @@ class HECoordinator:
         release, for sites catching up), confirm it; a new confirmation is handed to ``keep``
         before any site sees it. Return the sites that did not apply it, with why, and the
         confirmation (None if the sum was not confirmed)."""
-        signatures, problems = self._receipts(aggregate, sites)
+        data, digest = aggregate.encode(), aggregate.digest()  # once: a sum is as large as an upload
+        signatures, problems = self._receipts(aggregate.round, data, digest, sites)
         if confirmation is None and len(signatures) < self.quorum:  # receipts can be lost: ask the silent again
             silent = [s for s in sites if problems.get(s) == _NO_RECEIPT]
             if silent:
-                more, problems_again = self._receipts(aggregate, silent)
+                more, problems_again = self._receipts(aggregate.round, data, digest, silent)
                 signatures.update(more)
                 problems = {s: p for s, p in {**problems, **problems_again}.items()
                             if self.roster.index(s) not in signatures}
@@ -215,11 +217,12 @@ class HECoordinator:
                     missing.setdefault(site, f"only {len(signatures)} sites vouched for the sum; "
                                              f"{self.quorum} (a majority) are needed")
                 return missing, None
-            confirmation = SumConfirmation(aggregate.round, aggregate.digest(), signatures)
+            confirmation = SumConfirmation(aggregate.round, digest, signatures)
             if keep is not None:  # on disk first: a confirmed sum is never taken for a failed one
                 keep(confirmation)
         vouched = [s for s in sites if self.roster.index(s) in signatures]
-        acks = self.transport.exchange({s: confirmation.encode() for s in vouched}) if vouched else {}
+        confirmed = confirmation.encode()
+        acks = self.transport.exchange({s: confirmed for s in vouched}) if vouched else {}
         for site in vouched:
             message = _decode_or_none(acks.get(site))
             if not (isinstance(message, Acknowledgement) and message.round == aggregate.round):

@@ -38,6 +38,7 @@ __all__ = [
     "SumConfirmation",
     "SumReceipt",
     "decode_federation_message",
+    "majority",
     "message_kind",
     "model_digest",
     "AGGREGATION_CODES",
@@ -289,6 +290,12 @@ class EncryptedAggregate:
         count = r.count("ciphertexts", item_size=4, max_count=MAX_HE_CIPHERTEXTS)
         return cls(round_, model_round, survivors,
                    tuple(r.blob("ciphertext", max_size=MAX_HE_BLOB) for _ in range(count)), model_tag)
+
+
+def majority(roster_size: int) -> int:
+    """Receipts a sum needs before any site decrypts it: a majority of the roster, so that two
+    different sums (each vouched for by its own majority) would need a site vouching for both."""
+    return roster_size // 2 + 1
 
 
 def sum_statement(round_: int, digest: bytes) -> bytes:

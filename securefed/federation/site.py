@@ -188,7 +188,7 @@ class FederationSite:
         if start.round in state.released:
             return self._refuse(start.round, "this round's update already left this site in an earlier attempt; "
                                              "sitting out its replay keeps two releases from being combined")
-        model = start.model
+        model, held = start.model, None
         if self.he is not None:  # the site's own copy of the global model; the coordinator has none
             held = self.he.held()
             if held is None:
@@ -203,7 +203,7 @@ class FederationSite:
         if trained_from is not None and trained_from != digest:
             return self._refuse(start.round, "this round was already started from a different model")
         if isinstance(setup, HERoundSetup):
-            problem = self.he.setup_problem(setup, model_size=model.size)  # type: ignore[union-attr]
+            problem = self.he.setup_problem(setup, model_size=model.size, held=held)  # type: ignore[union-attr]
             if problem is not None:
                 return self._refuse(start.round, f"encrypted aggregation refused: {problem}")
         elif setup is not None:
@@ -241,7 +241,7 @@ class FederationSite:
             return PlainUpdate(start.round, 1.0, update).encode()
         if isinstance(setup, HERoundSetup):
             upload = self.he.upload(setup, update, round_=start.round,  # type: ignore[union-attr]
-                                    rng=self._fork(f"site-dp/{start.round}"))
+                                    rng=self._fork(f"site-dp/{start.round}"), held=held)
             self._mark_released(start.round)
             return ProtocolRelay(start.protocol_round, upload).encode()
         self._protocol_round = start.protocol_round

@@ -35,6 +35,7 @@ from securefed.federation.messages import (
     SumConfirmation,
     SumReceipt,
     decode_federation_message,
+    majority,
     sum_statement,
 )
 from securefed.federation.workspace import SiteWorkspace
@@ -96,6 +97,7 @@ class SiteHE:
         self.config, self.min_sites, self.dealer = config, min_sites, dealer
         self.site_dp, self.cohort = site_dp, cohort
         self._codec: Any = None
+        self._derived: tuple[TagKey, bytes] | None = None  # keys derived from the secret context
 
     # ------------------------------------------------------------------ the key
     @property
@@ -151,10 +153,22 @@ class SiteHE:
         if self._codec is None:
             from securefed.he.tenseal_ckks import CKKSCodec
 
-            if self.key_facts() is None:
-                raise ProtocolAbort("this site has not received the run's HE key")
-            self._codec = CKKSCodec(self.config, self._context_file.read_bytes())
+            self._codec = CKKSCodec(self.config, self._secret_context())
         return self._codec
+
+    def _secret_context(self) -> bytes:
+        if self.key_facts() is None:
+            raise ProtocolAbort("this site has not received the run's HE key")
+        return self._context_file.read_bytes()
+
+    def _keys(self) -> tuple[TagKey, bytes]:
+        """The tag key and the model-tag key, derived once from the secret context."""
+        if self._derived is None:
+            secret = self._secret_context()
+            bound = max(self.config.clip, self.config.max_weight)
+            self._derived = (TagKey(secret, slots=self.config.slots, bound=bound),
+                             hashlib.sha256(b"securefed/he/model-tag-key/v1" + secret).digest())
+        return self._derived
 
     def key_id(self) -> bytes | None:
         """The id of the key this site holds (None: none yet), as uploads and setups name it."""
@@ -194,19 +208,15 @@ class SiteHE:
         slots of every ciphertext (:mod:`securefed.he.tags`)."""
         return tagged_layout(self.vector_size(model_size) + 1, self.config.slots)
 
-    def _tag_key(self) -> TagKey:
-        bound = max(self.config.clip, self.config.max_weight)
-        return TagKey(self._context_file.read_bytes(), slots=self.config.slots, bound=bound)
-
     def model_tag(self, held: HeldModel) -> bytes:
         """A digest of the held model under a key only the sites have: the coordinator can see
         whether two uploads started from the same model, and nothing else about it."""
-        key = hashlib.sha256(b"securefed/he/model-tag-key/v1" + self._context_file.read_bytes()).digest()
-        return hmac.new(key, struct.pack("<I", held.round) + held.vector.astype("<f4").tobytes(),
+        return hmac.new(self._keys()[1], struct.pack("<I", held.round) + held.vector.astype("<f4").tobytes(),
                         hashlib.sha256).digest()
 
-    def setup_problem(self, setup: HERoundSetup, *, model_size: int) -> str | None:
-        """Why this site refuses ``setup`` (None if it does not), before anything is charged."""
+    def setup_problem(self, setup: HERoundSetup, *, model_size: int, held: HeldModel | None = None) -> str | None:
+        """Why this site refuses ``setup`` (None if it does not), before anything is charged;
+        ``held`` is the model this site holds, if the caller has it read already."""
         me = self.roster.index(self.identity.name)
         if self.key_id() is None:
             return "this site has not received the run's HE key"
@@ -225,18 +235,19 @@ class SiteHE:
                     f"{wire} in {chunks}")
         if self.site_dp is not None and len(setup.participants) > self.cohort:
             return f"the round has {len(setup.participants)} sites; site-level DP is set for {self.cohort}"
-        held = self.held()
+        held = held if held is not None else self.held()
         if held is None or held.round != setup.model_round:
             have = "no model" if held is None else f"the model after round {held.round}"
             return f"the round starts from the model after round {setup.model_round}; this site holds {have}"
         return None
 
-    def upload(self, setup: HERoundSetup, update: np.ndarray, *, round_: int, rng: Any = None) -> bytes:
+    def upload(self, setup: HERoundSetup, update: np.ndarray, *, round_: int, rng: Any = None,
+               held: HeldModel | None = None) -> bytes:
         """Encrypt ``update`` (clipped; weight 1 and the tags in their slots) and sign it for
         ``setup``'s round. With site-level DP the update is first clipped, noised and encoded
         with ``rng`` (secret)."""
         me = self.roster.index(self.identity.name)
-        held = self.held()
+        held = held if held is not None else self.held()
         assert held is not None and held.round == setup.model_round
         if self.site_dp is not None:  # ring elements, centred: CKKS sums them exactly
             ring = self.encoder(update.size).encode(update, round_seed=self.rotation_seed(round_), rng=rng)
@@ -244,7 +255,7 @@ class SiteHE:
         else:
             values = np.clip(np.asarray(update, dtype=np.float64), -self.config.clip, self.config.clip)
         data = as_chunks(np.append(values, 1.0), self.config.slots)
-        tags = self._tag_key().tag(data, round_=round_, model_round=setup.model_round, sender=me)
+        tags = self._keys()[0].tag(data, round_=round_, model_round=setup.model_round, sender=me)
         ciphertexts = tuple(self.codec().encrypt_exact(attach_tags(data, tags)))
         unsigned = EncryptedUpload(setup.round_id, me, setup.context_digest, setup.length, ciphertexts,
                                    model_tag=self.model_tag(held))
@@ -257,8 +268,7 @@ class SiteHE:
     # model is ever decrypted anywhere, and a coordinator gets one try per model.
     @property
     def quorum(self) -> int:
-        """Receipts a sum needs before any site decrypts it: a majority of the roster."""
-        return len(self.roster) // 2 + 1
+        return majority(len(self.roster))
 
     @property
     def _pending_files(self) -> tuple[Any, Any]:
@@ -372,7 +382,7 @@ class SiteHE:
         survivors = sorted(aggregate.survivors)
         _, wire = self.layout(held.vector.size)
         data, tags = detach_tags(self.codec().decrypt(aggregate.ciphertexts, length=wire), self.config.slots)
-        residual = self._tag_key().residual(data, tags, round_=aggregate.round, model_round=aggregate.model_round,
+        residual = self._keys()[0].residual(data, tags, round_=aggregate.round, model_round=aggregate.model_round,
                                             senders=survivors)
         values = data.reshape(-1)[:self.vector_size(held.vector.size) + 1]
         if residual > tag_tolerance(scale_bits=self.config.scale_bits, max_sites=self.config.max_sites) \
